@@ -1,0 +1,1 @@
+"""Engram conditional memory (placeholder: being written)."""
