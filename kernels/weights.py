@@ -102,7 +102,7 @@ def tensor_shapes(cfg: ModelConfig, *, routed_experts: bool = True, engram_table
         if i in cfg.engram_layer_ids:
             from moemesh.kernels.engram import engram_param_shapes
 
-            for suffix, shape in engram_param_shapes(cfg).items():
+            for suffix, shape in engram_param_shapes(cfg, i).items():
                 if engram_tables or not suffix.startswith("embed."):
                     shapes[p + "engram." + suffix] = shape
     return shapes
