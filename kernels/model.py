@@ -1,5 +1,178 @@
-"""DeepSeek-V4 model (placeholder: being written)."""
+"""DeepSeek-V4 (+ Engram) as one plain PyTorch module: the single-process reference path.
+
+A step runs on a flat batch of tokens from any number of sequences (prefill chunks and decode tokens alike), each
+sequence carrying its own `SequenceCache`; projections, mHC and MoE run over all tokens at once, attention per
+sequence. `forward` and `generate` wrap that for the familiar [B, T] interface.
+Shapes: N = tokens of the step, hc = residual streams, D = hidden, V = vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from moemesh.kernels.attention import Attention, Segment
+from moemesh.kernels.config import ModelConfig
+from moemesh.kernels.kv_cache import SequenceCache
+from moemesh.kernels.mhc import HyperConnection, HyperHead, merge_streams
+from moemesh.kernels.moe import MoE
+from moemesh.kernels.norms import RMSNorm
+from moemesh.kernels.rope import Rotary
+from moemesh.kernels.sampling import SamplingParams, sample
 
 
-def load_model(*args, **kwargs):
-    raise NotImplementedError
+class Block(nn.Module):
+    """One decoder layer: [Engram] -> mHC -> attention -> mHC -> MoE, on hc residual streams."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, rotary: dict[str, Rotary], with_experts: bool = True):
+        super().__init__()
+        self.layer = layer
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hc_attn = HyperConnection(cfg)
+        self.hc_ffn = HyperConnection(cfg)
+        self.attn = Attention(cfg, layer, rotary)
+        self.ffn = MoE(cfg, layer, with_experts)
+
+    def forward(self, streams: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor,
+                segments: list[Segment]) -> torch.Tensor:
+        """streams [N, hc, D] -> [N, hc, D]."""
+        post, comb, x = self.hc_attn(streams)
+        streams = merge_streams(streams, self.attn(self.attn_norm(x), positions, segments), post, comb)
+        post, comb, x = self.hc_ffn(streams)
+        return merge_streams(streams, self.ffn(self.ffn_norm(x), input_ids), post, comb)
+
+
+class DeepseekV4(nn.Module):
+    """The whole model. Parameter names follow the checkpoint's (see `checkpoint_name`)."""
+
+    def __init__(self, cfg: ModelConfig, with_experts: bool = True):
+        super().__init__()
+        self.config = cfg
+        D, V = cfg.hidden_size, cfg.vocab_size
+        rotary = {"main": Rotary(cfg, "main"), "compress": Rotary(cfg, "compress")}
+        self.embed = nn.Embedding(V, D)
+        self.layers = nn.ModuleList(Block(cfg, i, rotary, with_experts) for i in range(cfg.num_hidden_layers))
+        self.hc_head = HyperHead(cfg)
+        self.norm = RMSNorm(D, cfg.rms_norm_eps)
+        self.head = nn.Linear(D, V, bias=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    def new_cache(self) -> SequenceCache:
+        return SequenceCache(layers=[b.attn.new_cache(self.dtype, self.device) for b in self.layers])
+
+    # ---- the step --------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self, token_ids: Sequence[Sequence[int]], caches: Sequence[SequenceCache]) -> torch.Tensor:
+        """Feed each sequence its next tokens (any count >= 1) -> final hidden states of every token [N, D],
+        sequence after sequence. Advances every cache."""
+        if len(token_ids) != len(caches):
+            raise ValueError(f"token_ids: {len(token_ids)} sequences but {len(caches)} caches")
+        segments, start = [], 0
+        for ids, cache in zip(token_ids, caches):
+            if len(ids) == 0:
+                raise ValueError("token_ids: every sequence needs at least one new token")
+            segments.append(Segment(start, len(ids), cache))
+            start += len(ids)
+        flat = torch.tensor([t for ids in token_ids for t in ids], dtype=torch.long, device=self.device)
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.config.vocab_size):
+            raise ValueError(f"token_ids: ids must be in [0, {self.config.vocab_size}), got {int(flat.min())}.."
+                             f"{int(flat.max())}")
+        positions = torch.cat([torch.arange(c.length, c.length + s.length, device=self.device)
+                               for c, s in zip(caches, segments)])
+        streams = self.embed(flat).unsqueeze(1).expand(-1, self.config.hc_mult, -1).contiguous()
+        for block in self.layers:
+            streams = block(streams, flat, positions, segments)
+        for ids, cache in zip(token_ids, caches):
+            cache.length += len(ids)
+            cache.token_ids.extend(int(t) for t in ids)
+        return self.norm(self.hc_head(streams))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden).float()
+
+    # ---- [B, T] interface --------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                caches: list[SequenceCache] | None = None) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, V] (float32). With `attention_mask` [B, T] (1 = token), each row's tokens
+        must be contiguous (left or right padding); padded positions get logits 0. Pass `caches` (one per row, from
+        `new_cache`) to continue sequences; without, every row starts fresh."""
+        rows = _rows(input_ids, attention_mask)
+        caches = caches if caches is not None else [self.new_cache() for _ in rows]
+        hidden = self.step([ids for ids, _ in rows], caches)
+        out = torch.zeros(*input_ids.shape, self.config.vocab_size, dtype=torch.float32, device=self.device)
+        start = 0
+        for b, (ids, span) in enumerate(rows):
+            out[b, span] = self.logits(hidden[start:start + len(ids)])
+            start += len(ids)
+        return out
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 16, attention_mask: torch.Tensor | None = None,
+                 sampling: SamplingParams | None = None, eos_token_id: int | list[int] | None = -1) -> torch.Tensor:
+        """Greedy by default (pass `sampling` for temperature / top-k / top-p / seed). Uses the KV cache: one prefill,
+        then one token per step. Returns [B, T + max_new_tokens]: each row's prompt, then its new tokens right after
+        its last prompt token, padded with the pad id (or eos) after it stops. `eos_token_id` -1 means the config's."""
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens: must be >= 0, got {max_new_tokens}")
+        sampling = sampling or SamplingParams()
+        eos = self.config.eos_token_id if eos_token_id == -1 else eos_token_id
+        eos = set([eos] if isinstance(eos, int) else eos or [])
+        rows = _rows(input_ids, attention_mask)
+        caches = [self.new_cache() for _ in rows]
+        generator = sampling.generator(self.device)
+        seqs = [list(ids) for ids, _ in rows]
+        new = [[] for _ in rows]
+        live = list(range(len(rows)))
+        feed = [seqs[b] for b in live]
+        while live and max_new_tokens:
+            hidden = self.step(feed, [caches[b] for b in live])
+            last = torch.cumsum(torch.tensor([len(f) for f in feed]), 0) - 1
+            tokens = sample(self.logits(hidden[last.to(self.device)]), sampling, generator).tolist()
+            for b, t in zip(live, tokens):
+                new[b].append(t)
+            live = [b for b, t in zip(live, tokens) if t not in eos and len(new[b]) < max_new_tokens]
+            feed = [[new[b][-1]] for b in live]
+        pad = self.config.pad_token_id if self.config.pad_token_id is not None else (min(eos) if eos else 0)
+        out = torch.full((len(rows), input_ids.shape[1] + max_new_tokens), pad, dtype=torch.long)
+        for b, (s, n) in enumerate(zip(seqs, new)):
+            out[b, : len(s) + len(n)] = torch.tensor(s + n, dtype=torch.long)
+        return out.to(input_ids.device)
+
+
+def _rows(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[tuple[list[int], slice]]:
+    """Each row's real tokens and where they sit."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids: expected [B, T], got shape {tuple(input_ids.shape)}")
+    if attention_mask is None:
+        return [(row.tolist(), slice(0, input_ids.shape[1])) for row in input_ids]
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask: shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
+    rows = []
+    for b, (ids, mask) in enumerate(zip(input_ids, attention_mask.bool())):
+        where = mask.nonzero().squeeze(-1)
+        if where.numel() == 0:
+            raise ValueError(f"attention_mask: row {b} has no tokens")
+        lo, hi = int(where[0]), int(where[-1]) + 1
+        if hi - lo != where.numel():
+            raise ValueError(f"attention_mask: row {b} has holes; tokens must be contiguous")
+        rows.append((ids[lo:hi].tolist(), slice(lo, hi)))
+    return rows
+
+
+def load_model(path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               progress: bool | None = None) -> DeepseekV4:
+    """Load a DeepSeek-V4 checkpoint (HF layout) into the single-process model."""
+    from moemesh.kernels.loading import load_into
+
+    return load_into(path, dtype=dtype, device=device, progress=progress)
