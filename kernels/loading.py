@@ -1,8 +1,9 @@
 """Checkpoint tensors (canonical names) -> model parameters.
 
-Our parameter names are the checkpoint's, except two regular differences handled here: hyper-connection tensors are
-`hc_attn_fn` in the checkpoint but `hc_attn.fn` in the module tree, and routed experts are stacked per layer
-(`ffn.experts.w1` [E, I, D]) while the checkpoint stores one tensor per expert (`ffn.experts.{e}.w1.weight`).
+Our parameter names are the checkpoint's, except three regular differences handled here: hyper-connection tensors are
+`hc_attn_fn` in the checkpoint but `hc_attn.fn` in the module tree; Engram tables are `engram.embed.weight` in the
+checkpoint but live in the block's `engram_memory`; and routed experts are stacked per layer (`ffn.experts.w1`
+[E, I, D]) while the checkpoint stores one tensor per expert (`ffn.experts.{e}.w1.weight`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ _STACKED = re.compile(r"^layers\.(\d+)\.ffn\.experts\.(w[123])$")
 
 def checkpoint_name(param: str) -> str:
     """Module parameter name -> canonical checkpoint name (stacked experts excluded)."""
-    return _HC.sub(r"\1hc_\2_\3", param)
+    return _HC.sub(r"\1hc_\2_\3", param).replace(".engram_memory.", ".engram.")
 
 
 def stacked_expert_names(param: str, expert_ids: list[int]) -> list[str] | None:
@@ -63,10 +64,12 @@ def _params(model: nn.Module):
 def load_into(path, dtype: torch.dtype = torch.float32, device="cpu", progress: bool | None = None):
     """Build the model for the checkpoint at `path` and fill it; see `moemesh.load_model`."""
     from moemesh.kernels.checkpoint import Checkpoint
+    from moemesh.kernels.engram import EngramHasher
     from moemesh.kernels.model import DeepseekV4
 
     ckpt = Checkpoint(path)
-    model = DeepseekV4(ckpt.config)
+    hasher = EngramHasher.from_model_config(ckpt.config, path) if ckpt.config.has_engram else None
+    model = DeepseekV4(ckpt.config, engram_hasher=hasher)
     tensors = ckpt.read(required_names(model), dtype=torch.float32, device="cpu", progress=progress)
     assign(model, tensors)
     model = model.to(device=device)

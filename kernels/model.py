@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
 from moemesh.kernels.attention import Attention, Segment
 from moemesh.kernels.config import ModelConfig
+from moemesh.kernels.engram import EngramGate, EngramHasher, EngramMemory
 from moemesh.kernels.kv_cache import SequenceCache
 from moemesh.kernels.mhc import HyperConnection, HyperHead, merge_streams
 from moemesh.kernels.moe import MoE
@@ -26,9 +28,13 @@ from moemesh.kernels.sampling import SamplingParams, sample
 class Block(nn.Module):
     """One decoder layer: [Engram] -> mHC -> attention -> mHC -> MoE, on hc residual streams."""
 
-    def __init__(self, cfg: ModelConfig, layer: int, rotary: dict[str, Rotary], with_experts: bool = True):
+    def __init__(self, cfg: ModelConfig, layer: int, rotary: dict[str, Rotary], with_experts: bool = True,
+                 with_engram_tables: bool = True):
         super().__init__()
         self.layer = layer
+        self.engram = EngramGate(cfg) if layer in cfg.engram_layer_ids else None
+        self.engram_memory = (EngramMemory.from_config(cfg, layer)
+                              if self.engram is not None and with_engram_tables else None)
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.hc_attn = HyperConnection(cfg)
@@ -37,24 +43,40 @@ class Block(nn.Module):
         self.ffn = MoE(cfg, layer, with_experts)
 
     def forward(self, streams: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor,
-                segments: list[Segment]) -> torch.Tensor:
-        """streams [N, hc, D] -> [N, hc, D]."""
+                segments: list[Segment], engram_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """streams [N, hc, D] -> [N, hc, D]. `engram_rows` [N, engram_dim]: this layer's retrieved memory."""
+        if self.engram is not None:
+            streams = self._add_memory(streams, engram_rows, segments)
         post, comb, x = self.hc_attn(streams)
         streams = merge_streams(streams, self.attn(self.attn_norm(x), positions, segments), post, comb)
         post, comb, x = self.hc_ffn(streams)
         return merge_streams(streams, self.ffn(self.ffn_norm(x), input_ids), post, comb)
 
+    def _add_memory(self, streams: torch.Tensor, rows: torch.Tensor | None, segments: list[Segment]) -> torch.Tensor:
+        if rows is None:
+            raise ValueError(f"engram_rows: layer {self.layer} is an Engram layer and needs its retrieved rows")
+        if self.engram.conv_lookback == 0:  # stateless form: every token at once
+            return self.engram(streams, rows)[0]
+        out = torch.empty_like(streams)
+        for seg in segments:  # the paper form's causal conv runs along each sequence
+            cache = seg.cache.layers[self.layer]
+            out[seg.slice], cache.engram_conv = self.engram(streams[seg.slice], rows[seg.slice], cache.engram_conv)
+        return out
+
 
 class DeepseekV4(nn.Module):
     """The whole model. Parameter names follow the checkpoint's (see `checkpoint_name`)."""
 
-    def __init__(self, cfg: ModelConfig, with_experts: bool = True):
+    def __init__(self, cfg: ModelConfig, with_experts: bool = True, with_engram_tables: bool = True,
+                 engram_hasher: EngramHasher | None = None):
         super().__init__()
         self.config = cfg
+        self.engram_hasher = engram_hasher  # needs the tokenizer; set by load_model
         D, V = cfg.hidden_size, cfg.vocab_size
         rotary = {"main": Rotary(cfg, "main"), "compress": Rotary(cfg, "compress")}
         self.embed = nn.Embedding(V, D)
-        self.layers = nn.ModuleList(Block(cfg, i, rotary, with_experts) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(cfg, i, rotary, with_experts, with_engram_tables)
+                                    for i in range(cfg.num_hidden_layers))
         self.hc_head = HyperHead(cfg)
         self.norm = RMSNorm(D, cfg.rms_norm_eps)
         self.head = nn.Linear(D, V, bias=False)
@@ -72,9 +94,13 @@ class DeepseekV4(nn.Module):
 
     # ---- the step --------------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def step(self, token_ids: Sequence[Sequence[int]], caches: Sequence[SequenceCache]) -> torch.Tensor:
+    def step(self, token_ids: Sequence[Sequence[int]], caches: Sequence[SequenceCache],
+             engram_rows: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
         """Feed each sequence its next tokens (any count >= 1) -> final hidden states of every token [N, D],
-        sequence after sequence. Advances every cache."""
+        sequence after sequence. Advances every cache.
+
+        `engram_rows` ({layer: [N, engram_dim]}) comes from an Engram service; without it, Engram layers look up
+        their local tables. Either way the indices depend only on the tokens, so they are ready before layer 0."""
         if len(token_ids) != len(caches):
             raise ValueError(f"token_ids: {len(token_ids)} sequences but {len(caches)} caches")
         segments, start = [], 0
@@ -89,13 +115,37 @@ class DeepseekV4(nn.Module):
                              f"{int(flat.max())}")
         positions = torch.cat([torch.arange(c.length, c.length + s.length, device=self.device)
                                for c, s in zip(caches, segments)])
+        if self.config.has_engram and engram_rows is None:
+            engram_rows = self.lookup_engram(self.engram_hash_ids(token_ids, caches))
+        engram_rows = engram_rows or {}
         streams = self.embed(flat).unsqueeze(1).expand(-1, self.config.hc_mult, -1).contiguous()
         for block in self.layers:
-            streams = block(streams, flat, positions, segments)
+            streams = block(streams, flat, positions, segments, engram_rows.get(block.layer))
         for ids, cache in zip(token_ids, caches):
             cache.length += len(ids)
             cache.token_ids.extend(int(t) for t in ids)
         return self.norm(self.hc_head(streams))
+
+    def engram_hash_ids(self, token_ids: Sequence[Sequence[int]], caches: Sequence[SequenceCache]
+                        ) -> dict[int, torch.Tensor]:
+        """{Engram layer: table indices [N, orders*heads]} for the step's tokens (each sequence's history from its
+        cache)."""
+        if self.engram_hasher is None:
+            raise ValueError("engram_hasher: this model has Engram layers but no hasher (load it with load_model, "
+                             "which builds one from the checkpoint's tokenizer.json)")
+        look = self.config.engram_max_ngram_size - 1
+        per_seq = [self.engram_hasher.hash_continuation([c.token_ids[len(c.token_ids) - look:]], [list(ids)])
+                   for ids, c in zip(token_ids, caches)]
+        return {layer: torch.from_numpy(np.concatenate([h[layer][0] for h in per_seq])).to(self.device)
+                for layer in self.config.engram_layer_ids}
+
+    def lookup_engram(self, hash_ids: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Rows from this process's own tables (the single-process path)."""
+        blocks = {b.layer: b for b in self.layers}
+        missing = [l for l in hash_ids if blocks[l].engram_memory is None]
+        if missing:
+            raise ValueError(f"engram_rows: layers {missing} hold no tables here; pass rows from the Engram service")
+        return {l: blocks[l].engram_memory.lookup(ids) for l, ids in hash_ids.items()}
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(hidden).float()
