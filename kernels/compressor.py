@@ -99,6 +99,9 @@ class Indexer(nn.Module):
         w = self.weights_proj(x).float() * self.heads ** -0.5  # [T, Hi]
         scores = (scores * w.unsqueeze(-1)).sum(dim=1)  # [T, S]
         complete = torch.arange(S, device=x.device) < ((positions + 1) // self.rate).unsqueeze(-1)  # [T, S]
+        # torch.topk over the whole pool, exactly as the reference does: with relu, exact ties (score 0) happen, and
+        # topk's choice among tied entries depends on the pool size, so a prefill split into chunks may pick other
+        # (equally scored) entries than one whole prefill, in the reference and here alike.
         top = scores.masked_fill(~complete, float("-inf")).topk(min(self.topk, S), dim=-1).indices
         visible.scatter_(1, top, True)
         return visible & complete

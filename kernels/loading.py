@@ -74,6 +74,7 @@ def load_into(path, dtype: torch.dtype = torch.float32, device="cpu", progress: 
     assign(model, tensors)
     model = model.to(device=device)
     _cast(model, dtype)
+    model.requires_grad_(False)
     model.eval()
     return model
 

@@ -134,7 +134,7 @@ class DeepseekV4(nn.Module):
             raise ValueError("engram_hasher: this model has Engram layers but no hasher (load it with load_model, "
                              "which builds one from the checkpoint's tokenizer.json)")
         look = self.config.engram_max_ngram_size - 1
-        per_seq = [self.engram_hasher.hash_continuation([c.token_ids[len(c.token_ids) - look:]], [list(ids)])
+        per_seq = [self.engram_hasher.hash_continuation([c.token_ids[max(0, len(c.token_ids) - look):]], [list(ids)])
                    for ids, c in zip(token_ids, caches)]
         return {layer: torch.from_numpy(np.concatenate([h[layer][0] for h in per_seq])).to(self.device)
                 for layer in self.config.engram_layer_ids}
@@ -147,6 +147,7 @@ class DeepseekV4(nn.Module):
             raise ValueError(f"engram_rows: layers {missing} hold no tables here; pass rows from the Engram service")
         return {l: blocks[l].engram_memory.lookup(ids) for l, ids in hash_ids.items()}
 
+    @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(hidden).float()
 
