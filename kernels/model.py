@@ -9,6 +9,7 @@ Shapes: N = tokens of the step, hc = residual streams, D = hidden, V = vocabular
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -23,6 +24,18 @@ from moemesh.kernels.moe import MoE
 from moemesh.kernels.norms import RMSNorm
 from moemesh.kernels.rope import Rotary
 from moemesh.kernels.sampling import SamplingParams, sample
+
+
+@dataclass
+class StepInput:
+    """One step's flat batch: N tokens of several sequences (see `DeepseekV4.begin_step`)."""
+
+    token_ids: torch.Tensor  # [N]
+    positions: torch.Tensor  # [N]
+    segments: list[Segment]
+    engram_rows: dict[int, torch.Tensor]  # {Engram layer: [N, engram_dim]}
+    streams: torch.Tensor  # [N, hc, D] embedded input
+    new_tokens: list[list[int]]
 
 
 class Block(nn.Module):
@@ -42,15 +55,22 @@ class Block(nn.Module):
         self.attn = Attention(cfg, layer, rotary)
         self.ffn = MoE(cfg, layer, with_experts)
 
-    def forward(self, streams: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor,
-                segments: list[Segment], engram_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """streams [N, hc, D] -> [N, hc, D]. `engram_rows` [N, engram_dim]: this layer's retrieved memory."""
+    def forward(self, streams: torch.Tensor, step: "StepInput") -> torch.Tensor:
+        """streams [N, hc, D] -> [N, hc, D], with the routed experts held here."""
+        streams, post, comb, x = self.before_moe(streams, step)
+        return merge_streams(streams, self.ffn(x, step.token_ids), post, comb)
+
+    def before_moe(self, streams: torch.Tensor, step: "StepInput"):
+        """Everything up to the MoE input: [Engram], mHC, attention, mHC -> (streams, post, comb, x [N, D]).
+
+        A distributed attention worker calls this, routes `x` (`ffn.gate`), sends it to the expert shards while it
+        runs `ffn.shared_experts(x)`, and finishes with `merge_streams(streams, routed + shared, post, comb)`."""
         if self.engram is not None:
-            streams = self._add_memory(streams, engram_rows, segments)
+            streams = self._add_memory(streams, step.engram_rows.get(self.layer), step.segments)
         post, comb, x = self.hc_attn(streams)
-        streams = merge_streams(streams, self.attn(self.attn_norm(x), positions, segments), post, comb)
+        streams = merge_streams(streams, self.attn(self.attn_norm(x), step.positions, step.segments), post, comb)
         post, comb, x = self.hc_ffn(streams)
-        return merge_streams(streams, self.ffn(self.ffn_norm(x), input_ids), post, comb)
+        return streams, post, comb, self.ffn_norm(x)
 
     def _add_memory(self, streams: torch.Tensor, rows: torch.Tensor | None, segments: list[Segment]) -> torch.Tensor:
         if rows is None:
@@ -101,6 +121,15 @@ class DeepseekV4(nn.Module):
 
         `engram_rows` ({layer: [N, engram_dim]}) comes from an Engram service; without it, Engram layers look up
         their local tables. Either way the indices depend only on the tokens, so they are ready before layer 0."""
+        step = self.begin_step(token_ids, caches, engram_rows)
+        streams = step.streams
+        for block in self.layers:
+            streams = block(streams, step)
+        return self.end_step(step, streams)
+
+    def begin_step(self, token_ids: Sequence[Sequence[int]], caches: Sequence[SequenceCache],
+                   engram_rows: dict[int, torch.Tensor] | None = None) -> "StepInput":
+        """Validate and flatten the step's tokens, look up Engram rows if needed, embed -> the layer loop's input."""
         if len(token_ids) != len(caches):
             raise ValueError(f"token_ids: {len(token_ids)} sequences but {len(caches)} caches")
         segments, start = [], 0
@@ -117,13 +146,14 @@ class DeepseekV4(nn.Module):
                                for c, s in zip(caches, segments)])
         if self.config.has_engram and engram_rows is None:
             engram_rows = self.lookup_engram(self.engram_hash_ids(token_ids, caches))
-        engram_rows = engram_rows or {}
         streams = self.embed(flat).unsqueeze(1).expand(-1, self.config.hc_mult, -1).contiguous()
-        for block in self.layers:
-            streams = block(streams, flat, positions, segments, engram_rows.get(block.layer))
-        for ids, cache in zip(token_ids, caches):
-            cache.length += len(ids)
-            cache.token_ids.extend(int(t) for t in ids)
+        return StepInput(flat, positions, segments, engram_rows or {}, streams, [list(ids) for ids in token_ids])
+
+    def end_step(self, step: "StepInput", streams: torch.Tensor) -> torch.Tensor:
+        """Advance the caches' bookkeeping; final streams [N, hc, D] -> hidden states [N, D]."""
+        for seg, ids in zip(step.segments, step.new_tokens):
+            seg.cache.length += len(ids)
+            seg.cache.token_ids.extend(int(t) for t in ids)
         return self.norm(self.hc_head(streams))
 
     def engram_hash_ids(self, token_ids: Sequence[Sequence[int]], caches: Sequence[SequenceCache]
