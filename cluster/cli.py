@@ -41,7 +41,40 @@ def _init_model(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- generate ------------------------------------------------------------------------------------------------------
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="checkpoint directory (config.json, *.safetensors, tokenizer.json)")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1 = off)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default 0 = off)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, npu)")
+
+
+def _generate(args: argparse.Namespace) -> int:
+    """Offline generation with the single-process reference model."""
+    import torch
+    from tokenizers import Tokenizer
+
+    import moemesh
+    from moemesh.kernels.sampling import SamplingParams
+
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    model = moemesh.load_model(args.checkpoint, dtype=getattr(torch, args.dtype), device=args.device)
+    tokenizer = Tokenizer.from_file(f"{args.checkpoint}/tokenizer.json")
+    prompt = tokenizer.encode(args.prompt).ids
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=args.max_new_tokens, sampling=sampling)[0]
+    new = out[len(prompt):].tolist()
+    print(args.prompt + tokenizer.decode(new, skip_special_tokens=True))
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
+    "generate": Command("generate text offline with the single-process reference model", _generate_args,
+                        _generate),
     "init-model": Command("write a built-in model checkpoint (config, weights, tokenizer)", _init_model_args,
                           _init_model),
 }
