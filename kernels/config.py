@@ -216,7 +216,7 @@ class ModelConfig(BaseModel):
         try:
             return RopeParams(**params)
         except ValidationError as e:
-            raise ConfigError(f"rope_parameters.{kind}: {_first_error(e)}") from None
+            raise ConfigError(f"rope_parameters.{kind}: {describe_validation_error(e)}") from None
 
     @property
     def yarn_mscale(self) -> float:  # documented for readers: V4 does not scale cos/sin (attention_factor 1)
@@ -228,7 +228,7 @@ class ModelConfig(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as e:
-            raise ConfigError(f"{source}: {_first_error(e)}") from None
+            raise ConfigError(f"{source}: {describe_validation_error(e)}") from None
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelConfig":
@@ -252,7 +252,8 @@ class ModelConfig(BaseModel):
         return out
 
 
-def _first_error(e: ValidationError) -> str:
+def describe_validation_error(e: ValidationError) -> str:
+    """`field.path: message (got value)` for the first error: what a user needs to fix a config file."""
     err = e.errors()[0]
     loc = ".".join(str(p) for p in err["loc"]) or "config"
     value = err.get("input")
