@@ -1,0 +1,121 @@
+"""Expert transport: "send this layer's tokens to expert shard X and get the combined result back".
+
+One interface (`ExpertTransport`), two implementations: `InProcessTransport` calls shard objects directly (tests,
+single node) and `GrpcTransport` talks to shard servers over `grpc.aio`. Both raise the same exceptions (ValueError,
+`errors.NotHeld`, `errors.StaleExpertMap`, `errors.Overloaded`, `errors.Unavailable`, ...), so the attention worker
+never knows which one it has. Device-native collectives (NCCL/HCCL) can be a third implementation later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import Hashable, Mapping
+from typing import Protocol
+
+import grpc
+import torch
+
+from moemesh.proto import codec, errors, expert_pb2, expert_pb2_grpc
+from moemesh.proto.codec import TokenBatch
+
+ShardId = Hashable  # a destination as the plan names it (an int index or a name)
+
+DEFAULT_MAX_MESSAGE_BYTES = 512 * 1024 * 1024  # 4096 tokens x 7168 x fp32 is 117 MB; gRPC's default is 4 MiB
+
+
+def message_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    """gRPC channel/server options raising the message size limits (both directions) to `max_message_bytes`."""
+    return [("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes)]
+
+
+class ExpertTransport(ABC):
+    """Sends one MoE layer's tokens to one expert shard and returns the shard's combined result."""
+
+    @abstractmethod
+    async def dispatch(self, shard: ShardId, batch: TokenBatch) -> torch.Tensor:
+        """-> [n, D] in `batch.hidden`'s dtype: per token, the weighted sum over the token's experts held by `shard`
+        (zeros for tokens with none there). Read-only: add it to something, do not write into it."""
+
+    async def close(self) -> None:
+        """Release connections. The transport is unusable afterwards."""
+
+
+class DispatchTarget(Protocol):
+    """What the in-process transport calls: `actors.expert_shard.ExpertShard` satisfies it."""
+
+    async def dispatch(self, batch: TokenBatch) -> torch.Tensor: ...
+
+
+class InProcessTransport(ExpertTransport):
+    """Calls shard objects living in this process: no copies, no serialization."""
+
+    def __init__(self, shards: Mapping[ShardId, DispatchTarget]):
+        self.shards = dict(shards)
+
+    async def dispatch(self, shard: ShardId, batch: TokenBatch) -> torch.Tensor:
+        target = self.shards.get(shard)
+        if target is None:
+            raise ValueError(f"shard: unknown destination {shard!r}; known: {sorted(map(str, self.shards))}")
+        return await target.dispatch(batch)
+
+
+class GrpcTransport(ExpertTransport):
+    """Calls expert shard servers: one `grpc.aio` channel per destination (opened on first use, in the running event
+    loop), a deadline per call, bounded retries with exponential backoff on UNAVAILABLE (dispatch is idempotent)."""
+
+    def __init__(self, addresses: Mapping[ShardId, str], *, timeout_s: float = 30.0, retries: int = 3,
+                 backoff_s: float = 0.05, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+        if timeout_s <= 0 or retries < 0 or backoff_s < 0 or max_message_bytes <= 0:
+            raise ValueError(f"GrpcTransport: bad settings timeout_s={timeout_s} retries={retries} "
+                             f"backoff_s={backoff_s} max_message_bytes={max_message_bytes}")
+        self.addresses = dict(addresses)
+        self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
+        self.max_message_bytes = max_message_bytes
+        self._channels: dict[ShardId, grpc.aio.Channel] = {}
+        self._stubs: dict[ShardId, expert_pb2_grpc.ExpertShardStub] = {}
+
+    def _stub(self, shard: ShardId) -> expert_pb2_grpc.ExpertShardStub:
+        stub = self._stubs.get(shard)
+        if stub is None:
+            address = self.addresses.get(shard)
+            if address is None:
+                raise ValueError(f"shard: unknown destination {shard!r}; known: {sorted(map(str, self.addresses))}")
+            channel = grpc.aio.insecure_channel(address, options=self._channel_options())
+            stub = expert_pb2_grpc.ExpertShardStub(channel)
+            self._channels[shard], self._stubs[shard] = channel, stub
+        return stub
+
+    def _channel_options(self) -> list[tuple[str, int]]:
+        # gRPC waits 1 s (growing to 120 s) before reconnecting to a lost peer and fails calls fast meanwhile, which
+        # would turn our retries into no-ops; reconnect on the retry schedule instead.
+        backoff_ms = max(int(self.backoff_s * 1000), 10)
+        return message_options(self.max_message_bytes) + [
+            ("grpc.initial_reconnect_backoff_ms", backoff_ms), ("grpc.min_reconnect_backoff_ms", backoff_ms),
+            ("grpc.max_reconnect_backoff_ms", max(backoff_ms * 2 ** self.retries, 1000))]
+
+    async def dispatch(self, shard: ShardId, batch: TokenBatch) -> torch.Tensor:
+        stub = self._stub(shard)
+        reply = await self._call(stub.Dispatch, codec.encode_dispatch(batch))  # encoded once, reused by retries
+        return codec.decode_dispatch_reply(reply)
+
+    async def _call(self, method, request: expert_pb2.DispatchRequest) -> expert_pb2.DispatchReply:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        attempt = 0
+        while True:
+            try:
+                return await method(request, timeout=max(deadline - loop.time(), 0.001))
+            except grpc.aio.AioRpcError as e:
+                pause = self.backoff_s * 2 ** attempt
+                retry = e.code() == grpc.StatusCode.UNAVAILABLE and attempt < self.retries
+                if not retry or loop.time() + pause >= deadline:
+                    raise errors.exception_for(e.code(), e.details() or "") from None
+            await asyncio.sleep(pause)
+            attempt += 1
+
+    async def close(self) -> None:
+        channels, self._channels, self._stubs = list(self._channels.values()), {}, {}
+        for channel in channels:
+            await channel.close()
