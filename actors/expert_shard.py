@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from moemesh import __version__
+from moemesh.actors.health import HealthServicer
 from moemesh.kernels.config import ModelConfig
 from moemesh.kernels.moe import ExpertBank
 from moemesh.kernels.weights import expert_tensor_names
@@ -260,30 +260,14 @@ class ExpertShardServicer:
         return codec.encode_dispatch_reply(output, batch.request_id, self.shard.expert_map_version)
 
 
-class ShardHealthServicer:
-    """The `moemesh.Health` service of an expert shard server."""
-
-    SERVICES = ("", "moemesh.ExpertShard", "moemesh.Health")
-
-    def __init__(self, shard: ExpertShard):
-        self.shard = shard
-
-    async def Check(self, request: health_pb2.HealthCheckRequest, context) -> health_pb2.HealthCheckResponse:
-        if request.service not in self.SERVICES:
-            raise errors.NotHeld(f"service: {request.service!r} is not served here; known {list(self.SERVICES)}")
-        status = health_pb2.HealthCheckResponse.SERVING if self.shard.serving else \
-            health_pb2.HealthCheckResponse.NOT_SERVING
-        return health_pb2.HealthCheckResponse(status=status, version=__version__, detail=self.shard.health(),
-                                              expert_map_version=self.shard.expert_map_version)
-
-
 async def serve_expert_shard(shard: ExpertShard, host: str = "127.0.0.1", port: int = 0, *,
                              max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> tuple[grpc.aio.Server, int]:
     """Start a `grpc.aio` server with the ExpertShard and Health services; port 0 picks a free port.
     Returns (server, bound port); stop it with `await server.stop(grace)`."""
     server = grpc.aio.server(options=message_options(max_message_bytes))
     errors.add_service(server, ExpertShardServicer(shard), expert_pb2.DESCRIPTOR.services_by_name["ExpertShard"])
-    errors.add_service(server, ShardHealthServicer(shard), health_pb2.DESCRIPTOR.services_by_name["Health"])
+    health = HealthServicer(shard, ("moemesh.ExpertShard",), lambda: shard.expert_map_version)
+    errors.add_service(server, health, health_pb2.DESCRIPTOR.services_by_name["Health"])
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
     return server, bound

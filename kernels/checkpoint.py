@@ -13,7 +13,7 @@ import json
 import math
 import re
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Iterator, Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -258,6 +258,43 @@ class Checkpoint:
                 for n in [n for n in loaded if all(u in out for u in users[n])]:  # free what nobody waits for
                     del loaded[n]
         return out
+
+    def iter_rows(self, name: str, start: int, end: int, dtype: torch.dtype = torch.float32,
+                  chunk_rows: int = 1 << 16) -> Iterator[Tensor]:
+        """Rows [start, end) of a 2-D float or FP8 tensor, `chunk_rows` at a time, reading only those rows (an FP8
+        tensor from the enclosing 128-row blocks, since one scale covers 128 rows). For tables too big to read whole
+        (Engram). Each read is reported to `on_read`."""
+        weight, scale = self._parts(name)
+        block = quant.FP8_BLOCK if scale else 1
+        first = start // block * block
+        scales = None
+        if scale:
+            with self._open(scale) as f:
+                scales = f.get_slice(self._where[scale][1])[first // block: math.ceil(end / block)]
+        step = max(block, chunk_rows // block * block)
+        with self._open(weight) as f:
+            rows = f.get_slice(self._where[weight][1])
+            for a in range(first, end, step):
+                b = min(a + step, end)
+                w = rows[a:b]
+                if scales is not None:
+                    w = quant.dequant_fp8(w, scales[(a - first) // block: math.ceil((b - first) / block)])
+                elif not w.is_floating_point():
+                    raise CheckpointError(f"{self._where[weight][0]}: {name!r} is stored as {w.dtype} without a "
+                                          "scale; row reads need a float or FP8 tensor")
+                yield w[max(start - a, 0):].to(dtype)
+
+    def stored_files(self, name: str) -> list[Path]:
+        """The files holding a tensor and its scale (to fingerprint a cache derived from them)."""
+        weight, scale = self._parts(name)
+        return [self._where[n][0] for n in (weight, scale) if n]
+
+    def _open(self, name: str):
+        file, raw = self._where[name]
+        self.files_opened.add(file)
+        if self.on_read is not None:
+            self.on_read(file, raw)
+        return safe_open(file, framework="pt", device="cpu")
 
     def _load(self, file: Path, wanted: list[str], loaded: dict[str, Tensor]) -> None:
         self.files_opened.add(file)

@@ -117,27 +117,43 @@ def decode_dispatch_reply(msg: expert_pb2.DispatchReply) -> torch.Tensor:
 
 
 @dataclass
-class EngramQuery:
-    """Hashed N-gram ids of one Engram layer.  hash_ids [n, O*H] int64 (O = orders, H = heads per order)."""
+class EngramLookup:
+    """Global rows wanted from one Engram shard, per Engram layer.  row_ids {layer: [m] int64}: rows of the layer's
+    stacked table (`layers.{layer}.engram.embed.weight`), not per-head indices."""
 
-    layer: int
-    hash_ids: torch.Tensor
+    row_ids: dict[int, torch.Tensor]
     request_id: str = ""
 
 
-def encode_lookup(query: EngramQuery) -> engram_pb2.LookupRequest:
-    return engram_pb2.LookupRequest(request_id=query.request_id, layer=query.layer,
-                                    hash_ids=encode_tensor(query.hash_ids, "hash_ids"))
+def encode_lookup(lookup: EngramLookup) -> engram_pb2.LookupRequest:
+    return engram_pb2.LookupRequest(request_id=lookup.request_id, layers=[
+        engram_pb2.LayerRowIds(layer=layer, row_ids=encode_tensor(ids, f"row_ids[{layer}]"))
+        for layer, ids in lookup.row_ids.items()])
 
 
-def decode_lookup(msg: engram_pb2.LookupRequest) -> EngramQuery:
-    return EngramQuery(layer=msg.layer, hash_ids=_field(msg, "hash_ids", ("int64",)), request_id=msg.request_id)
+def decode_lookup(msg: engram_pb2.LookupRequest) -> EngramLookup:
+    """Raises ValueError naming the entry: a layer asked twice, a missing or non-int64 `row_ids`."""
+    row_ids: dict[int, torch.Tensor] = {}
+    for i, entry in enumerate(msg.layers):
+        if entry.layer in row_ids:
+            raise ValueError(f"layers[{i}].layer: layer {entry.layer} appears more than once")
+        if not entry.HasField("row_ids"):
+            raise ValueError(f"layers[{i}].row_ids: missing")
+        row_ids[entry.layer] = decode_tensor(entry.row_ids, f"layers[{i}].row_ids", ("int64",))
+    return EngramLookup(row_ids, msg.request_id)
 
 
-def encode_lookup_reply(rows: torch.Tensor, request_id: str = "") -> engram_pb2.LookupReply:
-    return engram_pb2.LookupReply(request_id=request_id, rows=encode_tensor(rows, "rows"))
+def encode_lookup_reply(rows: dict[int, torch.Tensor], request_id: str = "") -> engram_pb2.LookupReply:
+    """{layer: rows [m, W]} -> LookupReply, entries in the dict's order."""
+    return engram_pb2.LookupReply(request_id=request_id, layers=[
+        engram_pb2.LayerRows(layer=layer, rows=encode_tensor(r, f"rows[{layer}]")) for layer, r in rows.items()])
 
 
-def decode_lookup_reply(msg: engram_pb2.LookupReply) -> torch.Tensor:
-    """-> rows [n, width]."""
-    return _field(msg, "rows", FLOAT_DTYPES)
+def decode_lookup_reply(msg: engram_pb2.LookupReply) -> dict[int, torch.Tensor]:
+    """-> {layer: rows [m, W]} (float dtypes), in the reply's order."""
+    out: dict[int, torch.Tensor] = {}
+    for i, entry in enumerate(msg.layers):
+        if entry.layer in out or not entry.HasField("rows"):
+            raise ValueError(f"layers[{i}]: layer {entry.layer} repeated or its rows missing")
+        out[entry.layer] = decode_tensor(entry.rows, f"layers[{i}].rows", FLOAT_DTYPES)
+    return out

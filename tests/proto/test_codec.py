@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moemesh.proto import codec, engram_pb2, tensor_pb2
-from moemesh.proto.codec import EngramQuery, TokenBatch
+from moemesh.proto.codec import EngramLookup, TokenBatch
 
 # decoded tensors are read-only views of the message bytes on purpose (torch warns once per process)
 pytestmark = pytest.mark.filterwarnings("ignore:The given buffer is not writable")
@@ -127,13 +127,21 @@ def test_dispatch_field_dtypes_are_enforced():
 
 
 def test_engram_lookup_round_trip():
-    ids = torch.randint(0, 2**40, (5, 6))
-    query = codec.decode_lookup(_wire(codec.encode_lookup(EngramQuery(layer=1, hash_ids=ids, request_id="q"))))
-    assert (query.layer, query.request_id) == (1, "q") and torch.equal(query.hash_ids, ids)
-    rows = torch.randn(5, 192).to(torch.float16)
-    assert _bits_equal(codec.decode_lookup_reply(_wire(codec.encode_lookup_reply(rows))), rows)
-    with pytest.raises(ValueError, match=r"hash_ids\.dtype"):
-        codec.decode_lookup(engram_pb2.LookupRequest(layer=1, hash_ids=codec.encode_tensor(ids.int())))
+    ids = {1: torch.randint(0, 2**40, (5,)), 14: torch.zeros(0, dtype=torch.long)}
+    lookup = codec.decode_lookup(_wire(codec.encode_lookup(EngramLookup(ids, request_id="q"))))
+    assert lookup.request_id == "q" and list(lookup.row_ids) == [1, 14]
+    assert all(torch.equal(lookup.row_ids[l], ids[l]) for l in ids)
+    rows = {14: torch.randn(5, 32).to(torch.float16), 1: torch.randn(0, 32)}
+    back = codec.decode_lookup_reply(_wire(codec.encode_lookup_reply(rows)))
+    assert list(back) == [14, 1] and all(_bits_equal(back[l], rows[l]) for l in rows)
+    bad = engram_pb2.LookupRequest(layers=[engram_pb2.LayerRowIds(layer=1, row_ids=codec.encode_tensor(ids[1].int()))])
+    with pytest.raises(ValueError, match=r"layers\[0\]\.row_ids\.dtype"):
+        codec.decode_lookup(bad)
+    twice = engram_pb2.LookupRequest(layers=[engram_pb2.LayerRowIds(layer=1, row_ids=codec.encode_tensor(ids[1]))] * 2)
+    with pytest.raises(ValueError, match=r"layers\[1\]\.layer: layer 1 appears more than once"):
+        codec.decode_lookup(twice)
+    with pytest.raises(ValueError, match=r"layers\[0\]\.row_ids: missing"):
+        codec.decode_lookup(engram_pb2.LookupRequest(layers=[engram_pb2.LayerRowIds(layer=1)]))
 
 
 def test_decoding_does_not_copy():
