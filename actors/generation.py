@@ -1,0 +1,258 @@
+"""What the ingress asks of attention workers, and how it runs one HTTP request on one of them.
+
+`Worker` is the interface (an attention worker, or a client of one such as a Serve handle adapter): `generate`
+streams `Delta`s for one sequence with `GenerationParams`. `LeastLoadedRouter` picks the worker for a request.
+`Generation` runs the sequences of one request (its
+choices: n per prompt) as concurrent streams and merges them; each `Choice` turns its deltas into text
+(detokenized unless the worker sent text, cut at stop strings) and keeps the timings the metrics need.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from moemesh.actors.openai_protocol import FinishReason, WorkerError, unavailable
+from moemesh.actors.text_codec import IncrementalDecoder, StopCutter
+
+log = logging.getLogger(__name__)
+
+
+# ---- the worker interface ------------------------------------------------------------------------------------------
+class GenerationParams(BaseModel):
+    """What the worker needs to generate one sequence (one choice). Mirrors the engine's params model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    max_tokens: int = Field(ge=1, description="Stop after this many new tokens (finish_reason 'length').")
+    temperature: float = Field(1.0, ge=0, description="0 = greedy.")
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="0 = off.")
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list, description="Stop strings (the ingress also cuts at them).")
+    stop_token_ids: list[int] = Field(default_factory=list, description="Extra token ids that end the sequence.")
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class Delta:
+    """What a worker streams for one sequence: its new tokens since the last delta.
+
+    `text`: the text of those tokens, or None to let the ingress detokenize. `finish_reason` is set on the last
+    delta and only there. `completion_tokens`: the cumulative count as the worker sees it; when given it is what
+    `usage` reports, otherwise the ingress counts the token ids it received. `prompt_tokens` is informational: the
+    ingress always reports the prompt it tokenized (a worker that re-prefilled after a failover sees more)."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: str | None = None
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+@runtime_checkable
+class Worker(Protocol):
+    """An attention worker (or a client of one) as the ingress sees it.
+
+    - `generate` returns an async iterator of `Delta`s (an `async def` with `yield` qualifies); the last one has
+      `finish_reason` set. Raise `ValueError` for parameters the worker refuses (the client gets 400); any other
+      exception fails the request with 503. When the ingress stops iterating (client gone, stop string found) it
+      cancels the iteration and calls `abort`.
+    - `load` is the worker's queue depth (running + waiting requests), for least-loaded routing.
+    - `abort` frees the request's resources (KV blocks); unknown or finished ids are ignored.
+    """
+
+    def generate(self, request_id: str, prompt_token_ids: list[int],
+                 params: GenerationParams) -> AsyncIterator[Delta]: ...
+
+    async def load(self) -> float: ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+
+# ---- routing -------------------------------------------------------------------------------------------------------
+class LeastLoadedRouter:
+    """Picks the worker with the smallest `load()`; ties go round-robin. Workers that fail or do not answer within
+    `timeout_s` are skipped for this pick; with none left the request gets 503."""
+
+    def __init__(self, workers: Sequence[Worker], timeout_s: float = 2.0):
+        if not workers:
+            raise ValueError("workers: at least one is needed")
+        self.workers = list(workers)
+        self._timeout_s = timeout_s
+        self._next = 0
+
+    async def loads(self) -> list[float | None]:
+        """Each worker's load, None where it failed or timed out."""
+        return list(await asyncio.gather(*(self._load(w) for w in self.workers)))
+
+    async def pick(self) -> Worker:
+        loads = await self.loads()
+        alive = [i for i, load in enumerate(loads) if load is not None]
+        if not alive:
+            raise unavailable("no attention worker is available", code="no_worker")
+        best = min(loads[i] for i in alive)
+        n = len(self.workers)
+        chosen = min((i for i in alive if loads[i] == best), key=lambda i: (i - self._next) % n)
+        self._next = (chosen + 1) % n
+        return self.workers[chosen]
+
+    async def _load(self, worker: Worker) -> float | None:
+        try:
+            load = float(await asyncio.wait_for(worker.load(), self._timeout_s))
+        except Exception as e:  # a dead or slow worker is skipped, not fatal
+            log.warning("worker %r: load() failed: %r", worker, e)
+            return None
+        return load if math.isfinite(load) else None
+
+
+# ---- one request's choices on a worker -----------------------------------------------------------------------------
+@dataclass
+class Choice:
+    """One choice: the worker sequence behind it and its text so far."""
+
+    index: int
+    request_id: str  # the worker's id for this sequence
+    prompt_ids: list[int]
+    params: GenerationParams
+    decoder: IncrementalDecoder
+    cutter: StopCutter
+    echo: str = ""
+    tokens: int = 0
+    finish_reason: FinishReason | None = None
+    worker_done: bool = False
+    first_token_at: float | None = None
+    finished_at: float | None = None
+
+    def feed(self, delta: Delta, now: float) -> None:
+        """Take one delta: count tokens, decode, cut at a stop string (which finishes the choice)."""
+        if delta.token_ids and self.first_token_at is None:
+            self.first_token_at = now
+        self.tokens = delta.completion_tokens if delta.completion_tokens is not None else \
+            self.tokens + len(delta.token_ids)
+        text = delta.text if delta.text is not None else self.decoder.push(self._visible(delta))
+        if delta.finish_reason:
+            self.worker_done = True
+            text += self.decoder.flush() if delta.text is None else ""
+        if self.cutter.add(text):
+            self.finish("stop", now)
+        elif delta.finish_reason:
+            self.finish(delta.finish_reason, now)
+
+    def _visible(self, delta: Delta) -> list[int]:
+        """The ids whose text the client sees: a stop token that ended the sequence is not shown (as in vLLM)."""
+        ids = delta.token_ids
+        if delta.finish_reason == "stop" and ids and ids[-1] in self.params.stop_token_ids:
+            return ids[:-1]
+        return ids
+
+    def finish(self, reason: FinishReason, now: float) -> None:
+        if self.finish_reason is None:
+            self.finish_reason, self.finished_at = reason, now
+
+    def release(self) -> str:
+        """Text that can go to the client now (all of it once finished)."""
+        out, self.echo = self.echo + self.cutter.release(final=self.finish_reason is not None), ""
+        return out
+
+
+class Generation:
+    """Runs one HTTP request's choices on one worker, one stream each, and merges their deltas.
+
+    `events()` yields each choice that has new text or just finished; `close()` (idempotent, never awaits, so it is
+    safe under cancellation) stops the streams and aborts every sequence the worker has not finished."""
+
+    def __init__(self, worker: Worker, choices: list[Choice], idle_timeout_s: float, prompt_tokens: int,
+                 started_at: float | None = None):
+        self.worker, self.choices, self.prompt_tokens = worker, choices, prompt_tokens
+        self._idle_timeout_s = idle_timeout_s
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._tasks: dict[int, asyncio.Task] = {}
+        self.started_at = time.perf_counter() if started_at is None else started_at  # request arrival
+        self.closed = False
+
+    def start(self) -> None:
+        for c in self.choices:
+            self._tasks[c.index] = asyncio.create_task(self._pump(c))
+
+    async def events(self) -> AsyncIterator[Choice]:
+        live = {c.index: c for c in self.choices}
+        while live:
+            try:
+                index, item = await asyncio.wait_for(self._queue.get(), self._idle_timeout_s)
+            except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+                raise WorkerError(f"no token for {self._idle_timeout_s:g} s") from TimeoutError()
+            choice = live.get(index)
+            if choice is None:  # finished by the ingress (stop string): what the worker sent meanwhile is dropped
+                continue
+            if isinstance(item, BaseException):
+                raise WorkerError(str(item)) from item
+            choice.feed(item, time.perf_counter())
+            if choice.finish_reason:
+                del live[index]
+                self._stop(choice)
+            yield choice
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        now = time.perf_counter()
+        for c in self.choices:
+            c.finish("abort", now)
+            self._stop(c)
+
+    def _stop(self, choice: Choice) -> None:
+        task = self._tasks.pop(choice.index, None)
+        if task is not None and not task.done():
+            task.cancel()
+        if not choice.worker_done:
+            choice.worker_done = True
+            _spawn(self.worker.abort(choice.request_id))
+
+    async def _pump(self, choice: Choice) -> None:
+        stream = None
+        try:
+            stream = self.worker.generate(choice.request_id, choice.prompt_ids, choice.params)
+            async for delta in stream:
+                self._queue.put_nowait((choice.index, delta))
+                if delta.finish_reason:
+                    return
+            self._queue.put_nowait((choice.index, RuntimeError("the stream ended without a finish_reason")))
+        except Exception as e:
+            self._queue.put_nowait((choice.index, e))
+        finally:
+            close = getattr(stream, "aclose", None)
+            if close is not None:
+                await close()
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(c.tokens for c in self.choices)
+
+    def usage(self) -> dict:
+        prompt = self.prompt_tokens
+        return {"prompt_tokens": prompt, "completion_tokens": self.completion_tokens,
+                "total_tokens": prompt + self.completion_tokens}
+
+
+_BACKGROUND: set[asyncio.Task] = set()  # keeps fire-and-forget aborts alive until they finish
+
+
+def _spawn(coro) -> None:
+    task = asyncio.ensure_future(_quietly(coro))
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
+
+
+async def _quietly(coro) -> None:
+    try:
+        await coro
+    except Exception as e:
+        log.warning("abort failed: %r", e)
