@@ -61,15 +61,18 @@ def _params(model: nn.Module):
         yield name, banks.get(owner)
 
 
-def load_into(path, dtype: torch.dtype = torch.float32, device="cpu", progress: bool | None = None):
-    """Build the model for the checkpoint at `path` and fill it; see `moemesh.load_model`."""
+def load_into(path, dtype: torch.dtype = torch.float32, device="cpu", progress: bool | None = None,
+              with_experts: bool = True, with_engram_tables: bool = True):
+    """Build the model for the checkpoint at `path` and fill it; see `moemesh.load_model`. Without experts or Engram
+    tables (an attention worker's share), those tensors are not even read."""
     from moemesh.kernels.checkpoint import Checkpoint
     from moemesh.kernels.engram import EngramHasher
     from moemesh.kernels.model import DeepseekV4
 
     ckpt = Checkpoint(path)
     hasher = EngramHasher.from_model_config(ckpt.config, path) if ckpt.config.has_engram else None
-    model = DeepseekV4(ckpt.config, engram_hasher=hasher)
+    model = DeepseekV4(ckpt.config, with_experts=with_experts, with_engram_tables=with_engram_tables,
+                       engram_hasher=hasher)
     tensors = ckpt.read(required_names(model), dtype=torch.float32, device="cpu", progress=progress)
     assign(model, tensors)
     model = model.to(device=device)

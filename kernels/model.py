@@ -252,8 +252,12 @@ def _rows(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[
 
 
 def load_model(path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               progress: bool | None = None) -> DeepseekV4:
-    """Load a DeepSeek-V4 checkpoint (HF layout) into the single-process model."""
+               progress: bool | None = None, *, with_experts: bool = True,
+               with_engram_tables: bool = True) -> DeepseekV4:
+    """Load a DeepSeek-V4 checkpoint (HF layout) into the single-process model. `with_experts=False` /
+    `with_engram_tables=False` leave out (and never read) the routed experts / Engram tables: an attention worker's
+    share of the model."""
     from moemesh.kernels.loading import load_into
 
-    return load_into(path, dtype=dtype, device=device, progress=progress)
+    return load_into(path, dtype=dtype, device=device, progress=progress, with_experts=with_experts,
+                     with_engram_tables=with_engram_tables)

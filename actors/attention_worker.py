@@ -1,0 +1,86 @@
+"""An attention worker: one data-parallel rank of a disaggregated deployment.
+
+It holds everything but the routed experts and the Engram tables (embeddings, attention and its paged KV cache,
+norms, mHC, router, shared expert, Engram gates, LM head), runs the continuous-batching engine, and reaches the expert
+shards and Engram shards over gRPC. A plain class: the builder makes it a Serve deployment; it implements the
+ingress's `Worker` protocol (generate / load / abort) with plain-data deltas so they cross process boundaries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from moemesh.actors.dispatch import Dispatcher, ExpertMap
+from moemesh.actors.engine import AsyncEngine, CacheConfig, Engine
+from moemesh.actors.engram_client import EngramClient, EngramClientConfig, EngramRoute, GrpcEngramTransport
+from moemesh.actors.generation import Delta
+from moemesh.actors.remote_step import IoLoop, RemoteStep
+from moemesh.actors.scheduler import SchedulerConfig
+from moemesh.actors.sequence import RequestParams
+from moemesh.kernels.model import load_model
+from moemesh.proto.transport import GrpcTransport
+
+
+class AttentionWorker:
+    """`expert_addresses[i]` serves `expert_assignment[i]` ({layer: experts}); `engram_routes` lists
+    (row ranges {layer: (start, end)}, [replica addresses]) per Engram shard."""
+
+    def __init__(self, model_dir: str, expert_addresses: Sequence[str],
+                 expert_assignment: Sequence[Mapping[int, Sequence[int]]],
+                 engram_routes: Sequence[tuple[Mapping[int, Sequence[int]], Sequence[str]]] = (), *,
+                 max_num_seqs: int = 32, kv_cache_blocks: int = 4096, block_size: int = 16,
+                 dtype: str = "float32", device: str = "cpu", engram_cache_rows: int = 65536):
+        self.model = load_model(model_dir, dtype=getattr(torch, dtype), device=device, with_experts=False,
+                                with_engram_tables=False)
+        cfg = self.model.config
+        self.io = IoLoop("attention-worker-io")
+        assignment = [{int(k): list(v) for k, v in held.items()} for held in expert_assignment]
+        self.dispatcher = Dispatcher(GrpcTransport(dict(enumerate(expert_addresses))),
+                                     ExpertMap.from_assignment(assignment, cfg.n_routed_experts))
+        self.engram = None
+        if cfg.has_engram:
+            routes, addresses = [], {}
+            for s, (ranges, replicas) in enumerate(engram_routes):
+                names = [f"engram-{s}-{r}" for r in range(len(replicas))]
+                addresses.update(zip(names, replicas))
+                routes.append(EngramRoute({int(k): tuple(v) for k, v in ranges.items()}, names))
+            self.engram = EngramClient(cfg, routes, GrpcEngramTransport(addresses),
+                                       EngramClientConfig(cache_rows=engram_cache_rows))
+        step = RemoteStep(self.model, self.dispatcher, self.engram.lookup if self.engram else None, self.io)
+        tokenizer = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
+        engine = Engine(self.model, tokenizer, CacheConfig(block_size=block_size, num_blocks=kv_cache_blocks),
+                        SchedulerConfig(max_num_seqs=max_num_seqs), model_step=step)
+        self.engine = AsyncEngine(engine)
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: dict) -> AsyncIterator[dict]:
+        """Stream `Delta`s as dicts. Stopping the iteration (client gone) frees the request's KV blocks."""
+        async for out in self.engine.generate(request_id, prompt_token_ids, RequestParams(**params)):
+            yield asdict(Delta(out.new_token_ids, out.text, out.finish_reason, out.prompt_tokens,
+                               out.completion_tokens))
+
+    async def load(self) -> float:
+        stats = self.engine.engine.stats()
+        return float(stats.num_running + stats.num_waiting)
+
+    async def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+
+    def stats(self) -> dict:
+        """Engine, dispatch and Engram counters (for metrics and tests)."""
+        out = {"engine": asdict(self.engine.engine.stats()),
+               "messages_to": dict(self.dispatcher.stats.messages_to),
+               "tokens_per_expert": {f"{l}/{e}": n for (l, e), n in self.dispatcher.stats.tokens_per_expert.items()}}
+        if self.engram is not None:
+            c = self.engram.counters
+            out["engram"] = {"lookups": c.lookups, "cache_hits": c.cache_hits, "cache_misses": c.cache_misses,
+                             "hit_rate": c.hit_rate, "failovers": c.failovers}
+        return out
+
+    async def shutdown(self) -> None:
+        await self.engine.shutdown()
+        self.io.close()
