@@ -139,3 +139,25 @@ def build_app(config: DeploymentConfig):
     return serve.deployment(**ingress_opts, max_ongoing_requests=1000)(IngressReplica).bind(
         model_dir, workers, config.ingress.model_name, config.ingress.limits)
 
+
+
+def required_cpus(config: DeploymentConfig) -> float:
+    """Logical CPUs the deployment reserves (what a local Ray must offer)."""
+    n_experts = config.experts.shards or len(config.experts.assignment)
+    return (config.attention.replicas * config.attention.placement.num_cpus
+            + n_experts * config.experts.placement.num_cpus
+            + config.engram.shards * config.engram.replicas * config.engram.placement.num_cpus + 0.5)
+
+
+def deploy(config: DeploymentConfig, address: str | None = None) -> str:
+    """Connect to (or start) Ray, start Serve's HTTP proxy and deploy; returns the API's base URL."""
+    import ray
+
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, namespace="moemesh")
+        else:  # a laptop: a local Ray sized (logically) for every role
+            ray.init(num_cpus=max(os.cpu_count() or 1, int(required_cpus(config)) + 1), namespace="moemesh")
+    serve.start(http_options={"host": config.ingress.host, "port": config.ingress.port})
+    serve.run(build_app(config), name="moemesh", route_prefix="/")
+    return f"http://{config.ingress.host}:{config.ingress.port}/v1"

@@ -72,7 +72,52 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- serve ---------------------------------------------------------------------------------------------------------
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="deployment config YAML (default: the built-in tiny model, one of each "
+                                             "role, on http://127.0.0.1:8000)")
+    p.add_argument("--address", default=None, help="join this Ray cluster (e.g. auto, or HOST:PORT) instead of "
+                                                   "starting a local one")
+    p.add_argument("--host", default=None, help="override ingress.host")
+    p.add_argument("--port", type=int, default=None, help="override ingress.port")
+    p.add_argument("--detach", action="store_true", help="return once deployed (the app keeps running in Ray)")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import os
+    import time
+
+    os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray 2.60 clients must say so before importing ray
+    from moemesh.cluster.config import DeploymentConfig
+
+    config = DeploymentConfig.from_yaml(args.config) if args.config else DeploymentConfig()
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    if overrides:
+        config = config.model_copy(update={"ingress": config.ingress.model_copy(update=overrides)})
+    from moemesh.cluster.app import deploy
+
+    url = deploy(config, args.address)
+    print(f"moemesh is serving {config.model} at {url} (OpenAI API); Ctrl-C stops it", flush=True)
+    if args.detach:
+        return 0
+    import signal
+
+    from ray import serve
+
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)  # `kill PID` stops as cleanly as Ctrl-C (the local Ray goes down at exit)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.delete("moemesh")
+        return 0
+
+
 COMMANDS: dict[str, Command] = {
+    "serve": Command("serve a model over HTTP (OpenAI API) on a Ray cluster", _serve_args, _serve),
     "generate": Command("generate text offline with the single-process reference model", _generate_args,
                         _generate),
     "init-model": Command("write a built-in model checkpoint (config, weights, tokenizer)", _init_model_args,
