@@ -76,13 +76,14 @@ def test_continuous_batching_short_request_overtakes_long_one(served):
         assert r.status_code == 200
         return time.monotonic()
 
-    async def both():
-        # the short request joins while the long one decodes; it must not wait for the long one to finish
+    async def all_three():
+        # one long request per rank, then a short one: it lands on a busy rank and must join its running batch
+        # (not wait for the long request there to finish)
         async with httpx.AsyncClient(timeout=300) as client:
-            return await asyncio.gather(timed(client, 150, 0.0), timed(client, 3, 1.0))
+            return await asyncio.gather(timed(client, 150, 0.0), timed(client, 150, 0.0), timed(client, 3, 1.5))
 
-    long_done, short_done = asyncio.run(both())
-    assert short_done < long_done
+    long_a, long_b, short = asyncio.run(all_three())
+    assert short < min(long_a, long_b)
 
 
 def test_every_actor_ran_where_the_config_placed_it(served):
