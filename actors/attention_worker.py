@@ -20,6 +20,7 @@ from moemesh.actors.engine import AsyncEngine, CacheConfig, Engine
 from moemesh.actors.engram_client import EngramClient, EngramClientConfig, EngramRoute, GrpcEngramTransport
 from moemesh.actors.generation import Delta
 from moemesh.actors.remote_step import IoLoop, RemoteStep
+from moemesh.actors.role_metrics import WorkerCollector, engram_latency_histogram, role_registry, serve_registry
 from moemesh.actors.scheduler import SchedulerConfig
 from moemesh.actors.sequence import RequestParams
 from moemesh.kernels.model import load_model
@@ -51,7 +52,10 @@ class AttentionWorker:
                 routes.append(EngramRoute({int(k): tuple(v) for k, v in ranges.items()}, names))
             self.engram = EngramClient(cfg, routes, GrpcEngramTransport(addresses),
                                        EngramClientConfig(cache_rows=engram_cache_rows))
-        step = RemoteStep(self.model, self.dispatcher, self.engram.lookup if self.engram else None, self.io)
+        self.registry = role_registry()
+        self.registry.register(WorkerCollector(self, Path(model_dir).resolve().name))
+        step = RemoteStep(self.model, self.dispatcher, self.engram.lookup if self.engram else None, self.io,
+                          engram_latency=engram_latency_histogram(self.registry))
         tokenizer = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
         engine = Engine(self.model, tokenizer, CacheConfig(block_size=block_size, num_blocks=kv_cache_blocks),
                         SchedulerConfig(max_num_seqs=max_num_seqs), model_step=step)
@@ -80,6 +84,10 @@ class AttentionWorker:
             out["engram"] = {"lookups": c.lookups, "cache_hits": c.cache_hits, "cache_misses": c.cache_misses,
                              "hit_rate": c.hit_rate, "failovers": c.failovers}
         return out
+
+    def start_metrics(self, host: str) -> str:
+        """Serve this worker's Prometheus metrics on a free port; returns `host:port`."""
+        return serve_registry(self.registry, host)
 
     async def shutdown(self) -> None:
         await self.engine.shutdown()

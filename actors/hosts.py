@@ -13,6 +13,7 @@ import torch
 from moemesh.actors.engram_service import EngramShard, serve_engram_shard
 from moemesh.actors.expert_shard import BatchingConfig, ExpertShard, serve_expert_shard
 from moemesh.actors.remote_step import IoLoop
+from moemesh.actors.role_metrics import EngramShardCollector, ExpertShardCollector, role_registry, serve_registry
 from moemesh.kernels.checkpoint import Checkpoint
 
 
@@ -41,6 +42,12 @@ class _GrpcHost:
     def grpc_address(self) -> str:
         return self.address
 
+    def _start_metrics(self, host: str, collector) -> str:
+        """Serve this process's Prometheus metrics (from `collector`) on a free port; returns `host:port`."""
+        registry = role_registry()
+        registry.register(collector)
+        return serve_registry(registry, bind_address(host))
+
     def shutdown(self) -> None:
         if self.server is not None:
             self.io.run(self.server.stop(1.0))
@@ -66,6 +73,9 @@ class ExpertShardHost(_GrpcHost):
                                              batching=BatchingConfig(**(batching or {})))
         self._serve(serve_expert_shard, self.shard, host, port)
 
+    def start_metrics(self, host: str) -> str:
+        return self._start_metrics(host, ExpertShardCollector(self.shard))
+
     def stats(self) -> dict:
         c = self.shard.counters
         return {"address": self.address, "requests": c.requests, "batches": c.batches, "tokens": c.tokens}
@@ -85,6 +95,9 @@ class EngramShardHost(_GrpcHost):
         rows = {int(layer): (int(r[0]), int(r[1])) for layer, r in ranges.items()}
         self.shard = EngramShard.from_checkpoint(model_dir, rows, mmap_dir=mmap_dir)
         self._serve(serve_engram_shard, self.shard, host, port)
+
+    def start_metrics(self, host: str) -> str:
+        return self._start_metrics(host, EngramShardCollector(self.shard))
 
     def stats(self) -> dict:
         return {"address": self.address, **vars(self.shard.counters)}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
+import time
 from collections.abc import Awaitable, Callable, Sequence
 
 import torch
@@ -45,11 +46,12 @@ class RemoteStep:
     `engram_lookup` ({layer: hash ids [N, O*H]} -> {layer: rows [N, engram_dim]})."""
 
     def __init__(self, model: DeepseekV4, dispatcher: Dispatcher, engram_lookup: EngramLookup | None,
-                 io: IoLoop, timeout_s: float = 120.0):
+                 io: IoLoop, timeout_s: float = 120.0, engram_latency=None):
         if model.config.has_engram and engram_lookup is None:
             raise ValueError("engram_lookup: the model has Engram layers; give the worker an Engram client")
         self.model, self.dispatcher, self.engram_lookup, self.io = model, dispatcher, engram_lookup, io
         self.timeout_s = timeout_s
+        self.engram_latency = engram_latency  # a prometheus Histogram (or None)
         self._step_ids = itertools.count()
 
     def __call__(self, token_ids: Sequence[Sequence[int]], caches: Sequence[SequenceCache]) -> torch.Tensor:
@@ -59,7 +61,10 @@ class RemoteStep:
         model, step_id = self.model, next(self._step_ids)
         rows = None
         if model.config.has_engram:
+            started = time.perf_counter()
             rows = await self.engram_lookup(model.engram_hash_ids(token_ids, caches))
+            if self.engram_latency is not None:
+                self.engram_latency.observe(time.perf_counter() - started)
         with torch.inference_mode():
             step = model.begin_step(token_ids, caches, rows)
             streams = step.streams

@@ -18,7 +18,7 @@ from ray import serve
 from moemesh.actors.attention_worker import AttentionWorker
 from moemesh.actors.engram_service import engram_layout
 from moemesh.actors.generation import Delta
-from moemesh.actors.hosts import EngramShardHost, ExpertShardHost
+from moemesh.actors.hosts import EngramShardHost, ExpertShardHost, bind_address
 from moemesh.actors.ingress import Ingress
 from moemesh.actors.openai_protocol import IngressLimits
 from moemesh.actors.text_codec import TextCodec
@@ -37,28 +37,41 @@ def _node_id() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
-class ExpertShardReplica(ExpertShardHost):
+class _RoleEdge:
+    """What every replica adds at the Ray edge: its node id and its metrics endpoint for service discovery."""
+
+    metrics_address = ""
+
     def node_id(self) -> str:
         return _node_id()
 
+    def metrics_target(self) -> dict:
+        """One Prometheus HTTP-SD entry: this replica's metrics address, labelled with its deployment."""
+        return {"targets": [self.metrics_address], "labels": {"deployment": serve.get_replica_context().deployment}}
 
-class EngramShardReplica(EngramShardHost):
-    def node_id(self) -> str:
-        return _node_id()
+
+class ExpertShardReplica(_RoleEdge, ExpertShardHost):
+    def __init__(self, model_dir: str, assignment: dict, host: str, **kw):
+        ExpertShardHost.__init__(self, model_dir, assignment, host, **kw)
+        self.metrics_address = self.start_metrics(host)
 
 
-class AttentionWorkerReplica(AttentionWorker):
+class EngramShardReplica(_RoleEdge, EngramShardHost):
+    def __init__(self, model_dir: str, ranges: dict, host: str, **kw):
+        EngramShardHost.__init__(self, model_dir, ranges, host, **kw)
+        self.metrics_address = self.start_metrics(host)
+
+
+class AttentionWorkerReplica(_RoleEdge, AttentionWorker):
     """Resolves the shards' handles to gRPC addresses, then is a plain AttentionWorker."""
 
     async def __init__(self, model_dir: str, expert_handles: list, expert_assignment: list,
-                       engram_handles: list[list], engram_ranges: list, settings: dict):
+                       engram_handles: list[list], engram_ranges: list, settings: dict, host: str):
         experts = [await h.grpc_address.remote() for h in expert_handles]
         routes = [(ranges, [await h.grpc_address.remote() for h in replicas])
                   for ranges, replicas in zip(engram_ranges, engram_handles)]
         AttentionWorker.__init__(self, model_dir, experts, expert_assignment, routes, **settings)
-
-    def node_id(self) -> str:
-        return _node_id()
+        self.metrics_address = self.start_metrics(bind_address(host))
 
 
 class HandleWorker:
@@ -83,15 +96,21 @@ class HandleWorker:
 
 
 @serve.ingress()
-class IngressReplica(Ingress):
-    def __init__(self, model_dir: str, worker_handles: list, model_name: str | None, limits: dict):
+class IngressReplica(_RoleEdge, Ingress):
+    """The HTTP app over the attention workers' handles, plus `/metrics/targets`: Prometheus HTTP service discovery
+    of every role's metrics endpoint (`role_handles`: all other deployments)."""
+
+    def __init__(self, model_dir: str, worker_handles: list, role_handles: list, model_name: str | None,
+                 limits: dict):
         config = ModelConfig.from_file(model_dir)
-        super().__init__(TextCodec.from_checkpoint(model_dir), [HandleWorker(h) for h in worker_handles],
+        Ingress.__init__(self, TextCodec.from_checkpoint(model_dir), [HandleWorker(h) for h in worker_handles],
                          model_name or Path(model_dir).resolve().name, config.max_position_embeddings,
                          IngressLimits(**limits))
+        self.role_handles = role_handles
+        self.http_app.add_api_route("/metrics/targets", self.metrics_targets, methods=["GET"])
 
-    def node_id(self) -> str:
-        return _node_id()
+    async def metrics_targets(self) -> list[dict]:
+        return [await h.metrics_target.remote() for h in self.role_handles]
 
 
 def resolve_model(model: str) -> str:
@@ -134,10 +153,12 @@ def build_app(config: DeploymentConfig):
                 "engram_cache_rows": att.engram_cache_rows}
     workers = [serve.deployment(**_options(f"attention-worker-{k}", att.placement),
                                 max_ongoing_requests=4 * att.max_num_seqs)(AttentionWorkerReplica)
-               .bind(model_dir, experts, assignment, engram, ranges, settings) for k in range(att.replicas)]
+               .bind(model_dir, experts, assignment, engram, ranges, settings, config.grpc_host)
+               for k in range(att.replicas)]
     ingress_opts = _options("ingress", Placement(num_cpus=0.5))
+    roles = experts + [r for replicas in engram for r in replicas] + workers
     return serve.deployment(**ingress_opts, max_ongoing_requests=1000)(IngressReplica).bind(
-        model_dir, workers, config.ingress.model_name, config.ingress.limits)
+        model_dir, workers, roles, config.ingress.model_name, config.ingress.limits)
 
 
 

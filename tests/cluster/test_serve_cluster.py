@@ -96,3 +96,24 @@ def test_every_actor_ran_where_the_config_placed_it(served):
     for deployment, marker in expected.items():
         handle = serve.get_deployment_handle(deployment, app_name="moemesh")
         assert handle.node_id.remote().result(timeout_s=60) == node_ids[marker], deployment
+
+
+def test_every_role_exports_prometheus_metrics(served):
+    url, _, _ = served
+    base = url.removesuffix("/v1")
+    httpx.post(f"{url}/completions", json={"model": "tiny", "prompt": "metrics please", "max_tokens": 4},
+               timeout=120).raise_for_status()
+    targets = httpx.get(f"{base}/metrics/targets", timeout=60).json()
+    by_role = {t["labels"]["deployment"]: t["targets"][0] for t in targets}
+    assert sorted(by_role) == ["attention-worker-0", "attention-worker-1", "engram-shard-0-0", "engram-shard-1-0",
+                               "expert-shard-0", "expert-shard-1", "expert-shard-2"]
+    scraped = {role: httpx.get(f"http://{addr}/metrics", timeout=30).text for role, addr in by_role.items()}
+    workers = scraped["attention-worker-0"] + scraped["attention-worker-1"]
+    for name in ("moemesh:num_requests_running", "moemesh:kv_cache_usage_perc", "moemesh:expert_tokens_total",
+                 "moemesh:dispatch_bytes_total", "moemesh:engram_cache_hits_total", "moemesh:engram_lookup_seconds",
+                 "process_resident_memory_bytes"):
+        assert name in workers, name
+    assert all("moemesh:shard_expert_tokens_total{" in scraped[f"expert-shard-{i}"] for i in range(3))
+    assert "moemesh:engram_shard_rows_total" in scraped["engram-shard-0-0"]
+    ingress = httpx.get(f"{base}/metrics", timeout=30).text
+    assert "moemesh:time_to_first_token_seconds_bucket" in ingress and "moemesh:request_success_total{" in ingress
