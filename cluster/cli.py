@@ -116,7 +116,35 @@ def _serve(args: argparse.Namespace) -> int:
         return 0
 
 
+# ---- bench ---------------------------------------------------------------------------------------------------------
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("what", choices=["serve"], help="serve: served cluster vs in-process engine")
+    p.add_argument("config", nargs="?", help="deployment config YAML (default: the built-in tiny model)")
+    p.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts (default 1,8,32)")
+    p.add_argument("--per-client", type=int, default=2, help="requests each client sends (default 2)")
+    p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens (default 32)")
+    p.add_argument("--max-tokens", type=int, default=16, help="new tokens per request (default 16)")
+    p.add_argument("--write", default=None, help="markdown file whose section to replace (e.g. docs/benchmarks.md)")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import os
+
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    from moemesh.cluster.bench_serve import run
+    from moemesh.cluster.config import DeploymentConfig
+
+    config = DeploymentConfig.from_yaml(args.config) if args.config else DeploymentConfig()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    if not levels or min(levels) < 1:
+        raise ValueError(f"--concurrency: positive integers, got {args.concurrency!r}")
+    command = "moemesh " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("moemesh") else "moemesh bench serve"
+    print(run(config, levels, args.per_client, args.prompt_len, args.max_tokens, args.write, command))
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
+    "bench": Command("measure: `bench serve` (served cluster vs in-process engine)", _bench_args, _bench),
     "serve": Command("serve a model over HTTP (OpenAI API) on a Ray cluster", _serve_args, _serve),
     "generate": Command("generate text offline with the single-process reference model", _generate_args,
                         _generate),
