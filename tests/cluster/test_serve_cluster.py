@@ -117,3 +117,28 @@ def test_every_role_exports_prometheus_metrics(served):
     assert "moemesh:engram_shard_rows_total" in scraped["engram-shard-0-0"]
     ingress = httpx.get(f"{base}/metrics", timeout=30).text
     assert "moemesh:time_to_first_token_seconds_bucket" in ingress and "moemesh:request_success_total{" in ingress
+
+
+def test_a_client_leaving_mid_stream_frees_its_kv_blocks(served):
+    from ray import serve
+
+    url, config, _ = served
+    workers = [serve.get_deployment_handle(f"attention-worker-{k}", app_name="moemesh")
+               for k in range(config.attention.replicas)]
+
+    def busy() -> list[tuple[int, int]]:
+        stats = [w.stats.remote().result(timeout_s=60)["engine"] for w in workers]
+        return [(s["num_running"] + s["num_waiting"], s["kv_cache"]["used_blocks"]) for s in stats]
+
+    body = {"model": "tiny", "prompt": list(range(3, 203)), "max_tokens": 3000, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{url}/completions", json=body, timeout=120) as r:
+        chunks = 0
+        for line in r.iter_lines():
+            chunks += line.startswith("data: ")
+            if chunks == 3:
+                assert any(n > 0 and blocks > 0 for n, blocks in busy())  # generating, holding blocks
+                break  # the client goes away mid-stream
+    deadline = time.monotonic() + 60
+    while busy() != [(0, 0)] * len(workers) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert busy() == [(0, 0)] * len(workers)
