@@ -24,24 +24,27 @@ from moemesh.actors.role_metrics import WorkerCollector, engram_latency_histogra
 from moemesh.actors.scheduler import SchedulerConfig
 from moemesh.actors.sequence import RequestParams
 from moemesh.kernels.model import load_model
+from moemesh.proto.auth import GrpcSecurity
 from moemesh.proto.transport import GrpcTransport
 
 
 class AttentionWorker:
     """`expert_addresses[i]` serves `expert_assignment[i]` ({layer: experts}); `engram_routes` lists
-    (row ranges {layer: (start, end)}, [replica addresses]) per Engram shard."""
+    (row ranges {layer: (start, end)}, [replica addresses]) per Engram shard. `security`: the cluster token and TLS
+    the shards' servers expect (default: neither)."""
 
     def __init__(self, model_dir: str, expert_addresses: Sequence[str],
                  expert_assignment: Sequence[Mapping[int, Sequence[int]]],
                  engram_routes: Sequence[tuple[Mapping[int, Sequence[int]], Sequence[str]]] = (), *,
                  max_num_seqs: int = 32, kv_cache_blocks: int = 4096, block_size: int = 16,
-                 dtype: str = "float32", device: str = "cpu", engram_cache_rows: int = 65536):
+                 dtype: str = "float32", device: str = "cpu", engram_cache_rows: int = 65536,
+                 security: GrpcSecurity | None = None):
         self.model = load_model(model_dir, dtype=getattr(torch, dtype), device=device, with_experts=False,
                                 with_engram_tables=False)
         cfg = self.model.config
         self.io = IoLoop("attention-worker-io")
         assignment = [{int(k): list(v) for k, v in held.items()} for held in expert_assignment]
-        self.dispatcher = Dispatcher(GrpcTransport(dict(enumerate(expert_addresses))),
+        self.dispatcher = Dispatcher(GrpcTransport(dict(enumerate(expert_addresses)), security=security),
                                      ExpertMap.from_assignment(assignment, cfg.n_routed_experts))
         self.engram = None
         if cfg.has_engram:
@@ -50,7 +53,7 @@ class AttentionWorker:
                 names = [f"engram-{s}-{r}" for r in range(len(replicas))]
                 addresses.update(zip(names, replicas))
                 routes.append(EngramRoute({int(k): tuple(v) for k, v in ranges.items()}, names))
-            self.engram = EngramClient(cfg, routes, GrpcEngramTransport(addresses),
+            self.engram = EngramClient(cfg, routes, GrpcEngramTransport(addresses, security=security),
                                        EngramClientConfig(cache_rows=engram_cache_rows))
         self.registry = role_registry()
         self.registry.register(WorkerCollector(self, Path(model_dir).resolve().name))

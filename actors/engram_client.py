@@ -34,6 +34,7 @@ from moemesh.actors.engram_service import RowRange
 from moemesh.kernels.config import ModelConfig
 from moemesh.kernels.engram import engram_table_sizes
 from moemesh.proto import codec, engram_pb2_grpc, errors
+from moemesh.proto.auth import GrpcSecurity
 from moemesh.proto.codec import EngramLookup
 from moemesh.proto.transport import DEFAULT_MAX_MESSAGE_BYTES, message_options
 
@@ -76,11 +77,13 @@ class InProcessEngramTransport(EngramTransport):
 
 class GrpcEngramTransport(EngramTransport):
     """Calls Engram shard servers: one `grpc.aio` channel per replica (opened on first use, in the running event
-    loop), one attempt per call (failover is the client's job), failures mapped by `errors.exception_for`."""
+    loop), one attempt per call (failover is the client's job), failures mapped by `errors.exception_for`.
+    `security`: the cluster token sent on every call and TLS (default: neither), as the shards' servers expect."""
 
     def __init__(self, addresses: Mapping[ReplicaId, str], *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 reconnect_backoff_s: float = 0.1):
+                 reconnect_backoff_s: float = 0.1, security: GrpcSecurity | None = None):
         self.addresses = dict(addresses)
+        self.security = security or GrpcSecurity()
         # gRPC's default waits 1 s (growing to 120 s) before reconnecting to a lost peer; a replica back from its
         # cool-down should be reachable again soon after it is.
         backoff_ms = max(int(reconnect_backoff_s * 1000), 10)
@@ -97,14 +100,14 @@ class GrpcEngramTransport(EngramTransport):
             if address is None:
                 raise ValueError(f"replica: unknown Engram replica {replica!r}; "
                                  f"known: {sorted(map(str, self.addresses))}")
-            self._channels[replica] = grpc.aio.insecure_channel(address, options=self._options)
+            self._channels[replica] = self.security.channel(address, self._options)
             stub = self._stubs[replica] = engram_pb2_grpc.EngramStub(self._channels[replica])
         return stub
 
     async def lookup(self, replica, row_ids, *, timeout_s, request_id=""):
         request = codec.encode_lookup(EngramLookup(row_ids, request_id))
         try:
-            reply = await self._stub(replica).Lookup(request, timeout=timeout_s)
+            reply = await self._stub(replica).Lookup(request, timeout=timeout_s, metadata=self.security.metadata)
         except grpc.aio.AioRpcError as e:
             raise errors.exception_for(e.code(), e.details() or "") from None
         return codec.decode_lookup_reply(reply)

@@ -34,6 +34,7 @@ from moemesh.kernels.checkpoint import Checkpoint
 from moemesh.kernels.config import ModelConfig
 from moemesh.kernels.engram import engram_table_sizes
 from moemesh.proto import codec, engram_pb2, errors, health_pb2
+from moemesh.proto.auth import GrpcSecurity
 from moemesh.proto.transport import DEFAULT_MAX_MESSAGE_BYTES, message_options
 
 RowRange = tuple[int, int]  # [start, end) rows of one layer's stacked table
@@ -331,13 +332,16 @@ class EngramServicer:
 
 
 async def serve_engram_shard(shard: EngramShard, host: str = "127.0.0.1", port: int = 0, *,
-                             max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> tuple[grpc.aio.Server, int]:
+                             max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                             security: GrpcSecurity | None = None) -> tuple[grpc.aio.Server, int]:
     """Start a `grpc.aio` server with the Engram and Health services; port 0 picks a free port. Lookups run on
-    the event loop's default executor. Returns (server, bound port); stop it with `await server.stop(grace)`."""
-    server = grpc.aio.server(options=message_options(max_message_bytes))
+    the event loop's default executor. `security`: the cluster token every call must carry and TLS (default:
+    neither). Returns (server, bound port); stop it with `await server.stop(grace)`."""
+    security = security or GrpcSecurity()
+    server = security.server(message_options(max_message_bytes))
     errors.add_service(server, EngramServicer(shard), engram_pb2.DESCRIPTOR.services_by_name["Engram"])
     health = HealthServicer(shard, ("moemesh.Engram",))
     errors.add_service(server, health, health_pb2.DESCRIPTOR.services_by_name["Health"])
-    bound = server.add_insecure_port(f"{host}:{port}")
+    bound = security.add_port(server, f"{host}:{port}")
     await server.start()
     return server, bound

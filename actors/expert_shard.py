@@ -26,6 +26,7 @@ from moemesh.kernels.config import ModelConfig
 from moemesh.kernels.moe import ExpertBank
 from moemesh.kernels.weights import expert_tensor_names
 from moemesh.proto import codec, errors, expert_pb2, health_pb2
+from moemesh.proto.auth import GrpcSecurity
 from moemesh.proto.codec import FLOAT_DTYPES, INT_DTYPES, TokenBatch
 from moemesh.proto.transport import DEFAULT_MAX_MESSAGE_BYTES, message_options
 
@@ -261,13 +262,16 @@ class ExpertShardServicer:
 
 
 async def serve_expert_shard(shard: ExpertShard, host: str = "127.0.0.1", port: int = 0, *,
-                             max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> tuple[grpc.aio.Server, int]:
-    """Start a `grpc.aio` server with the ExpertShard and Health services; port 0 picks a free port.
-    Returns (server, bound port); stop it with `await server.stop(grace)`."""
-    server = grpc.aio.server(options=message_options(max_message_bytes))
+                             max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                             security: GrpcSecurity | None = None) -> tuple[grpc.aio.Server, int]:
+    """Start a `grpc.aio` server with the ExpertShard and Health services; port 0 picks a free port. `security`:
+    the cluster token every call must carry and TLS (default: neither). Returns (server, bound port); stop it with
+    `await server.stop(grace)`."""
+    security = security or GrpcSecurity()
+    server = security.server(message_options(max_message_bytes))
     errors.add_service(server, ExpertShardServicer(shard), expert_pb2.DESCRIPTOR.services_by_name["ExpertShard"])
     health = HealthServicer(shard, ("moemesh.ExpertShard",), lambda: shard.expert_map_version)
     errors.add_service(server, health, health_pb2.DESCRIPTOR.services_by_name["Health"])
-    bound = server.add_insecure_port(f"{host}:{port}")
+    bound = security.add_port(server, f"{host}:{port}")
     await server.start()
     return server, bound

@@ -19,7 +19,7 @@ from typing import Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from moemesh.actors.openai_protocol import FinishReason, WorkerError, unavailable
+from moemesh.actors.openai_protocol import FinishReason, WorkerError, too_many_requests, unavailable
 from moemesh.actors.text_codec import IncrementalDecoder, StopCutter
 
 log = logging.getLogger(__name__)
@@ -79,13 +79,15 @@ class Worker(Protocol):
 # ---- routing -------------------------------------------------------------------------------------------------------
 class LeastLoadedRouter:
     """Picks the worker with the smallest `load()`; ties go round-robin. Workers that fail or do not answer within
-    `timeout_s` are skipped for this pick; with none left the request gets 503."""
+    `timeout_s` are skipped for this pick; with none left the request gets 503. With `max_load`, a request that
+    finds every answering worker at or above it gets 429 (Retry-After `retry_after_s`) instead of queueing."""
 
-    def __init__(self, workers: Sequence[Worker], timeout_s: float = 2.0):
+    def __init__(self, workers: Sequence[Worker], timeout_s: float = 2.0, max_load: float | None = None,
+                 retry_after_s: int = 1):
         if not workers:
             raise ValueError("workers: at least one is needed")
         self.workers = list(workers)
-        self._timeout_s = timeout_s
+        self._timeout_s, self._max_load, self._retry_after_s = timeout_s, max_load, retry_after_s
         self._next = 0
 
     async def loads(self) -> list[float | None]:
@@ -98,6 +100,9 @@ class LeastLoadedRouter:
         if not alive:
             raise unavailable("no attention worker is available", code="no_worker")
         best = min(loads[i] for i in alive)
+        if self._max_load is not None and best >= self._max_load:
+            raise too_many_requests(f"every attention worker is full ({best:g} sequences or more each); retry later",
+                                    self._retry_after_s, code="workers_full")
         n = len(self.workers)
         chosen = min((i for i in alive if loads[i] == best), key=lambda i: (i - self._next) % n)
         self._next = (chosen + 1) % n

@@ -2,6 +2,7 @@
 
 Plain classes: the builder (cluster/app.py) turns them into Serve deployments (one replica = one process); tests can
 run them in-process. A host reports its gRPC address; attention workers then talk to it directly, never through Ray.
+`security` (proto/auth.py) is the cluster token every call must carry and the TLS files; default neither.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from moemesh.actors.expert_shard import BatchingConfig, ExpertShard, serve_exper
 from moemesh.actors.remote_step import IoLoop
 from moemesh.actors.role_metrics import EngramShardCollector, ExpertShardCollector, role_registry, serve_registry
 from moemesh.kernels.checkpoint import Checkpoint
+from moemesh.proto.auth import GrpcSecurity
 
 
 def bind_address(host: str) -> str:
@@ -34,9 +36,9 @@ class _GrpcHost:
         self.io = IoLoop(name)
         self.server, self.address = None, ""
 
-    def _serve(self, start, shard, host: str, port: int) -> None:
+    def _serve(self, start, shard, host: str, port: int, security: GrpcSecurity | None) -> None:
         bound = bind_address(host)
-        self.server, port = self.io.run(start(shard, bound, port))
+        self.server, port = self.io.run(start(shard, bound, port, security=security))
         self.address = f"{bound}:{port}"
 
     def grpc_address(self) -> str:
@@ -65,13 +67,14 @@ class ExpertShardHost(_GrpcHost):
     """One expert shard process: `{layer: [expert ids]}` loaded selectively from the checkpoint."""
 
     def __init__(self, model_dir: str, assignment: Mapping[int, Sequence[int]], host: str = "127.0.0.1",
-                 port: int = 0, dtype: str = "float32", device: str = "cpu", batching: dict | None = None):
+                 port: int = 0, dtype: str = "float32", device: str = "cpu", batching: dict | None = None,
+                 security: GrpcSecurity | None = None):
         super().__init__("expert-shard-io")
         ckpt = Checkpoint(model_dir)
         self.shard = ExpertShard.from_loader(ckpt.config, {int(k): list(v) for k, v in assignment.items()},
                                              ckpt.read_experts, dtype=getattr(torch, dtype), device=device,
                                              batching=BatchingConfig(**(batching or {})))
-        self._serve(serve_expert_shard, self.shard, host, port)
+        self._serve(serve_expert_shard, self.shard, host, port, security)
 
     def start_metrics(self, host: str) -> str:
         return self._start_metrics(host, ExpertShardCollector(self.shard))
@@ -90,11 +93,11 @@ class EngramShardHost(_GrpcHost):
     """One Engram shard process: its row ranges of every Engram layer's table, optionally memory-mapped."""
 
     def __init__(self, model_dir: str, ranges: Mapping[int, Sequence[int]], host: str = "127.0.0.1", port: int = 0,
-                 mmap_dir: str | None = None):
+                 mmap_dir: str | None = None, security: GrpcSecurity | None = None):
         super().__init__("engram-shard-io")
         rows = {int(layer): (int(r[0]), int(r[1])) for layer, r in ranges.items()}
         self.shard = EngramShard.from_checkpoint(model_dir, rows, mmap_dir=mmap_dir)
-        self._serve(serve_engram_shard, self.shard, host, port)
+        self._serve(serve_engram_shard, self.shard, host, port, security)
 
     def start_metrics(self, host: str) -> str:
         return self._start_metrics(host, EngramShardCollector(self.shard))

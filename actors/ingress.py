@@ -4,9 +4,10 @@ least loaded attention worker and streams the answer back (server-sent events) o
 `Ingress` is a plain class (no Ray): give it a `TextCodec` and objects that satisfy `Worker` (defined in
 `generation.py` with `Delta`, `GenerationParams` and `LeastLoadedRouter`, and re-exported here). The cluster builder
 turns it into a Serve deployment with `serve.deployment(serve.ingress()(Ingress))`; Serve then asks
-`__serve_build_asgi_app__` for the app. One request flows: read the body (413 above the limit) -> parse and validate
-(`openai_protocol`, 400/404) -> tokenize, check the context -> pick a worker -> `Generation` runs one worker stream
-per choice and turns deltas into text (detokenized, cut at stop strings) -> SSE chunks or one JSON answer.
+`__serve_build_asgi_app__` for the app. One request flows: the gate (`gate.py`: API key 401, admission 429) -> read
+the body (413 above the limit) -> parse and validate (`openai_protocol`, 400/404) -> tokenize, check the context ->
+pick a worker (429 when all are full) -> `Generation` runs one worker stream per choice and turns deltas into text
+(detokenized, cut at stop strings) -> SSE chunks or one JSON answer.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from moemesh import __version__
+from moemesh.actors.gate import Admission, ApiKeys, Gate
 from moemesh.actors.generation import (Choice, Delta, Generation, GenerationParams,  # noqa: F401 (re-exported)
                                       LeastLoadedRouter, Worker)
 from moemesh.actors.metrics import Metrics, process_metrics
@@ -42,22 +44,27 @@ log = logging.getLogger(__name__)
 
 # ---- the HTTP app --------------------------------------------------------------------------------------------------
 class Ingress:
-    """The OpenAI-compatible HTTP app over `workers`; `http_app` is the FastAPI app (see the module docstring)."""
+    """The OpenAI-compatible HTTP app over `workers`; `http_app` is the FastAPI app (see the module docstring).
+    `api_keys`: bearer keys required on every path but /health, the OpenAPI schema and its browser (and `/metrics*`
+    when `public_metrics`); none: the API is open."""
 
     def __init__(self, codec: TextCodec, workers: Sequence[Worker], model_name: str, context_length: int,
-                 limits: IngressLimits | None = None, metrics: Metrics | None = None):
+                 limits: IngressLimits | None = None, metrics: Metrics | None = None, *,
+                 api_keys: Sequence[str] = (), public_metrics: bool = False):
         self.codec, self.model_name = codec, model_name
-        self.limits = limits or IngressLimits()
-        self.context_length = self.limits.context_length or context_length
-        self.max_prompt_tokens = min(self.limits.max_prompt_tokens or self.context_length, self.context_length - 1)
-        self.router = LeastLoadedRouter(workers, self.limits.load_timeout_s)
+        self.limits = lim = limits or IngressLimits()
+        self.context_length = lim.context_length or context_length
+        self.max_prompt_tokens = min(lim.max_prompt_tokens or self.context_length, self.context_length - 1)
+        self.router = LeastLoadedRouter(workers, lim.load_timeout_s, lim.max_worker_load, lim.retry_after_s)
+        self.admission = Admission(lim.max_in_flight, lim.max_concurrent_per_key, lim.retry_after_s)
         self.metrics = metrics or process_metrics()
         self.created = int(time.time())
-        self.http_app = self._build_app()
+        self.http_app = self._build_app(ApiKeys(api_keys), public_metrics)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, workers: Sequence[Worker], model_name: str | None = None,
-                        limits: IngressLimits | None = None, metrics: Metrics | None = None) -> Ingress:
+                        limits: IngressLimits | None = None, metrics: Metrics | None = None, *,
+                        api_keys: Sequence[str] = (), public_metrics: bool = False) -> Ingress:
         """Tokenizer and chat template from the checkpoint; context length from its config.json; the model is
         served as `model_name` (default: the directory's name)."""
         path = Path(path)
@@ -65,20 +72,25 @@ class Ingress:
         if not isinstance(config.get("max_position_embeddings"), int):
             raise ValueError(f"{path / 'config.json'}: max_position_embeddings: expected an int")
         return cls(TextCodec.from_checkpoint(path), workers, model_name or path.resolve().name,
-                   config["max_position_embeddings"], limits, metrics)
+                   config["max_position_embeddings"], limits, metrics, api_keys=api_keys,
+                   public_metrics=public_metrics)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """Ray Serve's hook for `serve.ingress()` without an app argument."""
         return self.http_app
 
-    def _build_app(self) -> FastAPI:
+    def _build_app(self, keys: ApiKeys, public_metrics: bool) -> FastAPI:
         app = FastAPI(title="moemesh", version=__version__, summary="OpenAI-compatible API of a moemesh cluster.")
         app.add_exception_handler(StarletteHTTPException, self._http_exception)
+        open_paths = {"/health", app.openapi_url, app.docs_url, app.docs_url + "/oauth2-redirect", app.redoc_url}
+        if public_metrics:
+            open_paths |= {"/metrics", "/metrics/targets"}
+        app.add_middleware(Gate, keys=keys, admission=self.admission, open_paths=open_paths, reject=self._error)
         app.add_api_route("/health", self.health, methods=["GET"])
         app.add_api_route("/metrics", self.metrics_text, methods=["GET"])
         app.add_api_route("/v1/models", self.list_models, methods=["GET"], response_model=ModelList)
         app.add_api_route("/v1/models/{model:path}", self.get_model, methods=["GET"], response_model=ModelCard)
-        errors = {status: {"model": ErrorResponse} for status in (400, 404, 413, 503)}
+        errors = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 503)}
         for path, handler, req, resp in (("/v1/completions", self.completions, CompletionRequest, CompletionResponse),
                                          ("/v1/chat/completions", self.chat_completions, ChatCompletionRequest,
                                           ChatCompletionResponse)):
@@ -291,7 +303,7 @@ class Ingress:
 
     def _error(self, exc: BaseException) -> JSONResponse:
         err = self._count_error(exc)
-        return JSONResponse(err.body(), status_code=err.status)
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
     async def _http_exception(self, request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)

@@ -40,6 +40,14 @@ class IngressLimits(BaseModel):
                                          "the request fails (no hung streams).")
     load_timeout_s: float = Field(2.0, gt=0, description="Longest wait for a worker's load() while routing; a "
                                   "worker that does not answer is skipped.")
+    max_in_flight: int = Field(256, gt=0, description="Generation requests the ingress runs at once; one more gets "
+                               "429 with Retry-After instead of waiting in an unbounded queue.")
+    max_concurrent_per_key: int = Field(64, gt=0, description="Generation requests one API key may have in flight "
+                                        "(429 above); applies when API keys are configured.")
+    max_worker_load: float | None = Field(None, gt=0, description="429 when every attention worker's load (running "
+                                          "+ waiting sequences) is at least this; None: no such check (the cluster "
+                                          "builder sets 2 x attention.max_num_seqs).")
+    retry_after_s: int = Field(1, ge=1, description="Retry-After header of a 429, in seconds.")
 
 
 # ---- errors --------------------------------------------------------------------------------------------------------
@@ -47,9 +55,10 @@ class OpenAIError(Exception):
     """An error as OpenAI's API reports it: HTTP status + `{"error": {"message", "type", "param", "code"}}`."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers  # extra response headers (Retry-After, WWW-Authenticate)
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -61,6 +70,16 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 
 def unavailable(message: str, code: str = "service_unavailable") -> OpenAIError:
     return OpenAIError(503, message, type="service_unavailable_error", code=code)
+
+
+def unauthorized(message: str, code: str = "invalid_api_key") -> OpenAIError:
+    """401 as OpenAI answers it; `message` must never hold the key that was presented."""
+    return OpenAIError(401, message, code=code, headers={"WWW-Authenticate": "Bearer"})
+
+
+def too_many_requests(message: str, retry_after_s: int, code: str = "rate_limit_exceeded") -> OpenAIError:
+    """429 with `Retry-After`: back-pressure instead of an unbounded queue."""
+    return OpenAIError(429, message, type="rate_limit_error", code=code, headers={"Retry-After": str(retry_after_s)})
 
 
 class WorkerError(Exception):

@@ -3,8 +3,9 @@
 Every role is a Serve deployment of one replica, so each process is addressable and Serve restarts what dies:
 `expert-shard-{i}`, `engram-shard-{s}-{r}` (shard s, replica r), `attention-worker-{k}` (data-parallel rank k), and
 `ingress` (FastAPI, least-loaded routing over the ranks). Shards report their gRPC address; attention workers then
-talk to them directly over gRPC, never through Ray. The classes here only add the Ray edge (handles -> addresses,
-node ids) to the plain classes in `moemesh.actors`.
+talk to them directly over gRPC, never through Ray, carrying the deployment's cluster token (generated here unless
+configured, handed to every shard and worker as an init argument, i.e. through Ray), over TLS when configured. The
+classes here only add the Ray edge (handles -> addresses, node ids) to the plain classes in `moemesh.actors`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from moemesh.actors.openai_protocol import IngressLimits
 from moemesh.actors.text_codec import TextCodec
 from moemesh.cluster.config import DeploymentConfig, Placement
 from moemesh.kernels.config import ModelConfig
+from moemesh.proto.auth import GrpcSecurity
 
 # Every role's process: one torch thread (they share a node's cores with other roles), and glibc's malloc keeps
 # multi-MB message buffers instead of mmap/munmap-ing each (measured 30x faster for fresh 2 MiB messages).
@@ -66,11 +68,12 @@ class AttentionWorkerReplica(_RoleEdge, AttentionWorker):
     """Resolves the shards' handles to gRPC addresses, then is a plain AttentionWorker."""
 
     async def __init__(self, model_dir: str, expert_handles: list, expert_assignment: list,
-                       engram_handles: list[list], engram_ranges: list, settings: dict, host: str):
+                       engram_handles: list[list], engram_ranges: list, settings: dict, host: str,
+                       security: GrpcSecurity | None = None):
         experts = [await h.grpc_address.remote() for h in expert_handles]
         routes = [(ranges, [await h.grpc_address.remote() for h in replicas])
                   for ranges, replicas in zip(engram_ranges, engram_handles)]
-        AttentionWorker.__init__(self, model_dir, experts, expert_assignment, routes, **settings)
+        AttentionWorker.__init__(self, model_dir, experts, expert_assignment, routes, security=security, **settings)
         self.metrics_address = self.start_metrics(bind_address(host))
 
 
@@ -101,11 +104,11 @@ class IngressReplica(_RoleEdge, Ingress):
     of every role's metrics endpoint (`role_handles`: all other deployments)."""
 
     def __init__(self, model_dir: str, worker_handles: list, role_handles: list, model_name: str | None,
-                 limits: dict):
+                 limits: dict, api_keys: list[str] = (), public_metrics: bool = False):
         config = ModelConfig.from_file(model_dir)
         Ingress.__init__(self, TextCodec.from_checkpoint(model_dir), [HandleWorker(h) for h in worker_handles],
                          model_name or Path(model_dir).resolve().name, config.max_position_embeddings,
-                         IngressLimits(**limits))
+                         IngressLimits(**limits), api_keys=api_keys, public_metrics=public_metrics)
         self.role_handles = role_handles
         self.http_app.add_api_route("/metrics/targets", self.metrics_targets, methods=["GET"])
 
@@ -136,16 +139,17 @@ def build_app(config: DeploymentConfig):
     """The Serve application for `config` (its ingress node); bind and run it with `serve.run`."""
     model_dir = resolve_model(config.model)
     mcfg = ModelConfig.from_file(model_dir)
+    security = config.grpc_security()  # one cluster token per deploy; every shard and worker gets it
     assignment = config.experts.resolve(list(range(mcfg.num_hidden_layers)), mcfg.n_routed_experts)
     shard_place = [(spec.placement if config.experts.assignment and spec.placement else config.experts.placement)
                    for spec in (config.experts.assignment or [None] * len(assignment))]
     batching = {"max_wait_s": config.experts.batch_wait_ms / 1000, "max_tokens": config.experts.max_batch_tokens}
     experts = [serve.deployment(**_options(f"expert-shard-{i}", place))(ExpertShardReplica)
-               .bind(model_dir, held, config.grpc_host, batching=batching)
+               .bind(model_dir, held, config.grpc_host, batching=batching, security=security)
                for i, (held, place) in enumerate(zip(assignment, shard_place))]
     ranges = engram_layout(mcfg, config.engram.shards) if mcfg.has_engram else []
     engram = [[serve.deployment(**_options(f"engram-shard-{s}-{r}", config.engram.placement))(EngramShardReplica)
-               .bind(model_dir, rng, config.grpc_host, mmap_dir=config.engram.mmap_dir)
+               .bind(model_dir, rng, config.grpc_host, mmap_dir=config.engram.mmap_dir, security=security)
                for r in range(config.engram.replicas)] for s, rng in enumerate(ranges)]
     att = config.attention
     settings = {"max_num_seqs": att.max_num_seqs, "kv_cache_blocks": att.kv_cache_blocks,
@@ -153,13 +157,21 @@ def build_app(config: DeploymentConfig):
                 "engram_cache_rows": att.engram_cache_rows}
     workers = [serve.deployment(**_options(f"attention-worker-{k}", att.placement),
                                 max_ongoing_requests=4 * att.max_num_seqs)(AttentionWorkerReplica)
-               .bind(model_dir, experts, assignment, engram, ranges, settings, config.grpc_host)
+               .bind(model_dir, experts, assignment, engram, ranges, settings, config.grpc_host, security)
                for k in range(att.replicas)]
-    ingress_opts = _options("ingress", Placement(num_cpus=0.5))
-    roles = experts + [r for replicas in engram for r in replicas] + workers
-    return serve.deployment(**ingress_opts, max_ongoing_requests=1000)(IngressReplica).bind(
-        model_dir, workers, roles, config.ingress.model_name, config.ingress.limits)
+    return _ingress(config, model_dir, workers, experts + [r for replicas in engram for r in replicas] + workers)
 
+
+def _ingress(config: DeploymentConfig, model_dir: str, workers: list, roles: list):
+    """The ingress deployment. Serve may run a few more requests than the gate admits (health, metrics, models, and
+    the ones the gate refuses at once), so requests above the limits get 429 rather than waiting in Serve's queue.
+    A worker counts as full at 2 x max_num_seqs sequences: a running batch and a waiting one."""
+    ing, limits = config.ingress, config.ingress.limits
+    if limits.max_worker_load is None:
+        limits = limits.model_copy(update={"max_worker_load": 2.0 * config.attention.max_num_seqs})
+    opts = _options("ingress", Placement(num_cpus=0.5))
+    return serve.deployment(**opts, max_ongoing_requests=limits.max_in_flight + 100)(IngressReplica).bind(
+        model_dir, workers, roles, ing.model_name, limits.model_dump(), ing.api_key_list(), ing.public_metrics)
 
 
 def required_cpus(config: DeploymentConfig) -> float:

@@ -69,13 +69,15 @@ async def _drive(one, prompt_list: list[list[int]], concurrency: int) -> LoadRes
     return LoadResult(concurrency, len(prompt_list), tokens, time.perf_counter() - start, ttft, tpot)
 
 
-def http_one(url: str, model: str, max_tokens: int):
+def http_one(url: str, model: str, max_tokens: int, api_key: str | None = None):
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
     async def one(prompt):
         body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
                 "ignore_eos": True}
         start, first, n = time.perf_counter(), None, 0
         async with httpx.AsyncClient(timeout=600) as client:
-            async with client.stream("POST", f"{url}/completions", json=body) as r:
+            async with client.stream("POST", f"{url}/completions", json=body, headers=headers) as r:
                 r.raise_for_status()
                 async for line in r.aiter_lines():
                     if line.startswith("data: ") and line != "data: [DONE]" and json.loads(line[6:])["choices"]:
@@ -137,7 +139,8 @@ def bench_served(config, levels: list[int], per_client: int, prompt_len: int, ma
     from moemesh.cluster.app import deploy
 
     url = deploy(config)
-    one = http_one(url, config.ingress.model_name or "tiny", max_tokens)
+    keys = config.ingress.api_key_list()
+    one = http_one(url, config.ingress.model_name or "tiny", max_tokens, keys[0] if keys else None)
 
     async def all_levels():
         await _drive(one, prompts(2, prompt_len, vocab, seed=99), 2)  # warm-up: first requests load lazily

@@ -8,17 +8,27 @@ experts: {shards: 3}        # or an explicit list with `experts: {layer: [ids]}`
 engram: {shards: 2}
 ingress: {port: 8000}
 ```
+
+Secrets never sit in this file unless you put them there: `ingress.api_keys_env` and `grpc_token_env` name
+environment variables of the process that deploys (read here, in `IngressConfig.api_key_list` and
+`DeploymentConfig.grpc_security`, and nowhere else). See docs/security.md.
 """
 
 from __future__ import annotations
 
+import os
+import secrets
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from moemesh.actors.openai_protocol import IngressLimits
 from moemesh.kernels.config import describe_validation_error
+from moemesh.proto.auth import GrpcSecurity, TlsFiles
+
+MIN_API_KEY_LENGTH = 16
 
 
 class ConfigFileError(ValueError):
@@ -114,10 +124,77 @@ class EngramConfig(_Strict):
 
 
 class IngressConfig(_Strict):
+    """The HTTP front: address, served name, API keys and request limits (docs/api.md, docs/security.md)."""
+
     host: str = Field("127.0.0.1", description="HTTP bind address.")
     port: int = Field(8000, ge=0, le=65535, description="HTTP port.")
     model_name: str | None = Field(None, description="Name served at /v1/models (default: the model dir's name).")
-    limits: dict = Field(default_factory=dict, description="Request limits (see docs/api.md).")
+    limits: IngressLimits = Field(default_factory=IngressLimits, description="Request limits, concurrency and "
+                                  "back-pressure (see docs/api.md).")
+    api_keys: list[SecretStr] = Field(default_factory=list, description="Bearer keys accepted on /v1/*; with none "
+                                      "here and no `api_keys_env`, the API is open. Prefer `api_keys_env`.")
+    api_keys_env: str | None = Field(None, description="Name of an environment variable (of the deploying process) "
+                                     "holding comma-separated API keys, added to `api_keys`; it must be set.")
+    public_metrics: bool = Field(False, description="Serve /metrics and /metrics/targets without an API key (for a "
+                                 "Prometheus that cannot send one); they need one by default when keys are set.")
+
+    @model_validator(mode="after")
+    def _keys_are_sound(self) -> "IngressConfig":  # a model validator: the error never echoes a key
+        for i, key in enumerate(self.api_keys):
+            if not _sound_key(key.get_secret_value()):
+                raise ValueError(f"api_keys[{i}]: {_KEY_RULE}")
+        return self
+
+    def api_key_list(self) -> list[str]:
+        """The keys to accept: `api_keys` plus those in `$api_keys_env`, de-duplicated (empty: no auth)."""
+        keys = [k.get_secret_value() for k in self.api_keys]
+        if self.api_keys_env is not None:
+            value = os.environ.get(self.api_keys_env, "")
+            if not value.strip():
+                raise ConfigFileError(f"ingress.api_keys_env: the environment variable {self.api_keys_env!r} is "
+                                      "not set or empty")
+            for i, key in enumerate(k.strip() for k in value.split(",") if k.strip()):
+                if not _sound_key(key):
+                    raise ConfigFileError(f"ingress.api_keys_env: key {i} of ${self.api_keys_env}: {_KEY_RULE}")
+                keys.append(key)
+        return list(dict.fromkeys(keys))
+
+
+_KEY_RULE = f"a key must be at least {MIN_API_KEY_LENGTH} printable characters without spaces or commas"
+
+
+def _sound_key(key: str) -> bool:
+    """Long enough to resist guessing, and nothing a header or the comma-separated env var would mangle."""
+    return len(key) >= MIN_API_KEY_LENGTH and key.isprintable() and not any(c.isspace() or c == "," for c in key)
+
+
+class GrpcTlsConfig(_Strict):
+    """TLS for internal gRPC (expert and Engram shards and their clients). PEM files, at the same paths on every
+    node (each node may hold its own); checked here on the deploying machine, read by each process at start."""
+
+    cert_file: str = Field(description="Certificate chain this process presents (servers; clients too if mutual).")
+    key_file: str = Field(description="Private key of `cert_file`.")
+    ca_file: str = Field(description="CA that signed the servers' (and, if mutual, the clients') certificates.")
+    mutual: bool = Field(False, description="Servers require client certificates signed by `ca_file`.")
+    server_name: str | None = Field(None, description="Name clients expect in the servers' certificate instead of "
+                                    "the dialled address (one certificate for every node, e.g. `moemesh.internal`).")
+
+    @field_validator("cert_file", "key_file", "ca_file")
+    @classmethod
+    def _pem_file(cls, v: str) -> str:
+        path = Path(v).expanduser()
+        if not path.is_file():
+            raise ValueError(f"no such file: {v!r}")
+        try:
+            head = path.read_bytes()[:65536]
+        except OSError as e:
+            raise ValueError(f"cannot read {v!r}: {e.strerror}") from None
+        if b"-----BEGIN " not in head:
+            raise ValueError(f"{v!r} is not a PEM file")
+        return str(path.resolve())
+
+    def files(self) -> TlsFiles:
+        return TlsFiles(self.cert_file, self.key_file, self.ca_file, self.mutual, self.server_name)
 
 
 class DeploymentConfig(_Strict):
@@ -129,6 +206,20 @@ class DeploymentConfig(_Strict):
     engram: EngramConfig = Field(default_factory=EngramConfig, description="Engram memory service.")
     ingress: IngressConfig = Field(default_factory=IngressConfig, description="HTTP front.")
     grpc_host: str = Field("127.0.0.1", description="Address internal gRPC servers bind to (the node's address).")
+    grpc_token_env: str | None = Field(None, description="Name of an environment variable (of the deploying "
+                                       "process) holding the cluster token every internal gRPC call carries; unset: "
+                                       "a random token is generated at each deploy.")
+    grpc_tls: GrpcTlsConfig | None = Field(None, description="TLS for internal gRPC; None: plaintext.")
+
+    def grpc_security(self) -> GrpcSecurity:
+        """The cluster token (from `$grpc_token_env`, else a fresh `secrets.token_urlsafe(32)`) and TLS files."""
+        if self.grpc_token_env is None:
+            token = secrets.token_urlsafe(32)
+        else:
+            token = os.environ.get(self.grpc_token_env, "").strip()
+            if not _sound_key(token):
+                raise ConfigFileError(f"grpc_token_env: ${self.grpc_token_env} must be set; {_KEY_RULE}")
+        return GrpcSecurity(token=token, tls=self.grpc_tls.files() if self.grpc_tls else None)
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> "DeploymentConfig":

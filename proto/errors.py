@@ -12,6 +12,7 @@ in-process path would have raised, so callers cannot tell the transports apart.
 | Overloaded                         | RESOURCE_EXHAUSTED   |
 | ValueError, KeyError               | INVALID_ARGUMENT     |
 | Unavailable (a ConnectionError)    | UNAVAILABLE          |
+| Unauthenticated (a PermissionError)| UNAUTHENTICATED      |
 | TimeoutError                       | DEADLINE_EXCEEDED    |
 | NotImplementedError                | UNIMPLEMENTED        |
 | anything else                      | INTERNAL (logged)    |
@@ -45,6 +46,10 @@ class Unavailable(ConnectionError):
     """The destination cannot serve: unreachable after the transport's retries, or shutting down."""
 
 
+class Unauthenticated(PermissionError):
+    """The call lacked the cluster token or carried a wrong one (see proto/auth.py)."""
+
+
 class RemoteError(RuntimeError):
     """A remote failure with no closer Python equivalent; `code` is the gRPC status code."""
 
@@ -59,6 +64,7 @@ _TO_STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (StaleExpertMap, grpc.StatusCode.FAILED_PRECONDITION),
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
     (KeyError, grpc.StatusCode.INVALID_ARGUMENT),
     (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
@@ -71,6 +77,7 @@ _FROM_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: ValueError,
     grpc.StatusCode.DEADLINE_EXCEEDED: TimeoutError,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
 }
 
 

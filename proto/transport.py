@@ -17,6 +17,7 @@ import grpc
 import torch
 
 from moemesh.proto import codec, errors, expert_pb2, expert_pb2_grpc
+from moemesh.proto.auth import GrpcSecurity
 from moemesh.proto.codec import TokenBatch
 
 ShardId = Hashable  # a destination as the plan names it (an int index or a name)
@@ -63,16 +64,19 @@ class InProcessTransport(ExpertTransport):
 
 class GrpcTransport(ExpertTransport):
     """Calls expert shard servers: one `grpc.aio` channel per destination (opened on first use, in the running event
-    loop), a deadline per call, bounded retries with exponential backoff on UNAVAILABLE (dispatch is idempotent)."""
+    loop), a deadline per call, bounded retries with exponential backoff on UNAVAILABLE (dispatch is idempotent).
+    `security`: the cluster token sent on every call and TLS (default: neither), as the shards' servers expect."""
 
     def __init__(self, addresses: Mapping[ShardId, str], *, timeout_s: float = 30.0, retries: int = 3,
-                 backoff_s: float = 0.05, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+                 backoff_s: float = 0.05, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 security: GrpcSecurity | None = None):
         if timeout_s <= 0 or retries < 0 or backoff_s < 0 or max_message_bytes <= 0:
             raise ValueError(f"GrpcTransport: bad settings timeout_s={timeout_s} retries={retries} "
                              f"backoff_s={backoff_s} max_message_bytes={max_message_bytes}")
         self.addresses = dict(addresses)
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
         self.max_message_bytes = max_message_bytes
+        self.security = security or GrpcSecurity()
         self._channels: dict[ShardId, grpc.aio.Channel] = {}
         self._stubs: dict[ShardId, expert_pb2_grpc.ExpertShardStub] = {}
 
@@ -82,7 +86,7 @@ class GrpcTransport(ExpertTransport):
             address = self.addresses.get(shard)
             if address is None:
                 raise ValueError(f"shard: unknown destination {shard!r}; known: {sorted(map(str, self.addresses))}")
-            channel = grpc.aio.insecure_channel(address, options=self._channel_options())
+            channel = self.security.channel(address, self._channel_options())
             stub = expert_pb2_grpc.ExpertShardStub(channel)
             self._channels[shard], self._stubs[shard] = channel, stub
         return stub
@@ -106,7 +110,8 @@ class GrpcTransport(ExpertTransport):
         attempt = 0
         while True:
             try:
-                return await method(request, timeout=max(deadline - loop.time(), 0.001))
+                return await method(request, timeout=max(deadline - loop.time(), 0.001),
+                                    metadata=self.security.metadata)
             except grpc.aio.AioRpcError as e:
                 pause = self.backoff_s * 2 ** attempt
                 retry = e.code() == grpc.StatusCode.UNAVAILABLE and attempt < self.retries

@@ -47,3 +47,63 @@ def test_an_assignment_missing_experts_is_refused():
     config = DeploymentConfig.from_dict({"experts": {"assignment": [{"experts": {0: [0, 1]}}]}})
     with pytest.raises(ConfigFileError, match=r"layer 0 experts \[2, 3\]"):
         config.experts.resolve([0], 4)
+
+
+# ---- security settings (docs/security.md) ----------------------------------------------------------------------------
+KEY = "sk-config-0123456789abcdef"
+
+
+def test_api_keys_from_the_file_and_the_environment(monkeypatch):
+    monkeypatch.setenv("MOEMESH_TEST_KEYS", f" {KEY}2 , ,{KEY}3,{KEY}")
+    config = DeploymentConfig.from_dict({"ingress": {"api_keys": [KEY], "api_keys_env": "MOEMESH_TEST_KEYS"}})
+    assert config.ingress.api_key_list() == [KEY, f"{KEY}2", f"{KEY}3"]
+    assert KEY not in repr(config) and KEY not in str(config.model_dump())
+    assert DeploymentConfig().ingress.api_key_list() == []  # the default: an open API
+    monkeypatch.delenv("MOEMESH_TEST_KEYS")
+    with pytest.raises(ConfigFileError, match="MOEMESH_TEST_KEYS.*not set"):
+        config.ingress.api_key_list()
+    monkeypatch.setenv("MOEMESH_TEST_KEYS", "tooshort")
+    with pytest.raises(ConfigFileError, match="at least 16") as err:
+        config.ingress.api_key_list()
+    assert "tooshort" not in str(err.value)
+
+
+@pytest.mark.parametrize("bad", ["short-key", "a key with spaces in it", "comma,separated-keys-here"])
+def test_unsound_api_keys_are_refused_without_echoing_them(bad):
+    with pytest.raises(ConfigFileError, match=r"ingress: .*api_keys\[1\]: a key must be") as err:
+        DeploymentConfig.from_dict({"ingress": {"api_keys": [KEY, bad]}})
+    assert bad not in str(err.value)
+
+
+def test_ingress_limits_are_checked_when_the_file_loads():
+    with pytest.raises(ConfigFileError, match="ingress.limits.max_in_flight"):
+        DeploymentConfig.from_dict({"ingress": {"limits": {"max_in_flight": 0}}})
+    with pytest.raises(ConfigFileError, match="ingress.limits.bogus"):
+        DeploymentConfig.from_dict({"ingress": {"limits": {"bogus": 1}}})
+    limits = DeploymentConfig.from_dict({"ingress": {"limits": {"max_concurrent_per_key": 3}}}).ingress.limits
+    assert limits.max_concurrent_per_key == 3 and limits.max_in_flight == 256
+
+
+def test_the_cluster_token_is_generated_per_deploy_unless_configured(monkeypatch):
+    config = DeploymentConfig()
+    first, second = config.grpc_security(), config.grpc_security()
+    assert len(first.token) >= 40 and first.token != second.token and first.tls is None
+    assert first.token not in repr(first)
+    monkeypatch.setenv("MOEMESH_TEST_TOKEN", "cluster-token-from-env-0123")
+    assert DeploymentConfig(grpc_token_env="MOEMESH_TEST_TOKEN").grpc_security().token == "cluster-token-from-env-0123"
+    monkeypatch.delenv("MOEMESH_TEST_TOKEN")
+    with pytest.raises(ConfigFileError, match=r"grpc_token_env: \$MOEMESH_TEST_TOKEN must be set"):
+        DeploymentConfig(grpc_token_env="MOEMESH_TEST_TOKEN").grpc_security()
+
+
+def test_grpc_tls_files_must_exist_and_be_pem(tmp_path):
+    pem = tmp_path / "node.pem"
+    pem.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    (tmp_path / "plain.txt").write_text("not a certificate")
+    good = {"cert_file": str(pem), "key_file": str(pem), "ca_file": str(pem)}
+    tls = DeploymentConfig.from_dict({"grpc_tls": {**good, "mutual": True}}).grpc_security().tls
+    assert tls.cert_file == str(pem) and tls.mutual and tls.server_name is None
+    for field, path, needle in (("ca_file", tmp_path / "missing.pem", "no such file"),
+                                ("key_file", tmp_path / "plain.txt", "not a PEM file")):
+        with pytest.raises(ConfigFileError, match=f"grpc_tls.{field}: .*{needle}"):
+            DeploymentConfig.from_dict({"grpc_tls": {**good, field: str(path)}})

@@ -142,3 +142,20 @@ def test_a_client_leaving_mid_stream_frees_its_kv_blocks(served):
     while busy() != [(0, 0)] * len(workers) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert busy() == [(0, 0)] * len(workers)
+
+
+def test_shards_refuse_calls_without_the_cluster_token(served):
+    """The builder generated a cluster token: requests above got through (workers carry it); a caller without it is
+    refused by every shard before anything runs."""
+    import grpc
+    from ray import serve
+
+    from moemesh.proto import health_pb2, health_pb2_grpc
+
+    for deployment in ("expert-shard-0", "engram-shard-0-0"):
+        address = serve.get_deployment_handle(deployment, app_name="moemesh").grpc_address.remote().result(
+            timeout_s=60)
+        with grpc.insecure_channel(address) as channel:
+            with pytest.raises(grpc.RpcError) as info:
+                health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, deployment
