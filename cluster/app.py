@@ -10,15 +10,19 @@ classes here only add the Ray edge (handles -> addresses, node ids) to the plain
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from ray import exceptions as ray_errors
 from ray import serve
+from ray.serve import exceptions as serve_errors
 
 from moemesh.actors.attention_worker import AttentionWorker
 from moemesh.actors.engram_service import engram_layout
-from moemesh.actors.generation import Delta
+from moemesh.actors.generation import Delta, WorkerLost
 from moemesh.actors.hosts import EngramShardHost, ExpertShardHost, bind_address
 from moemesh.actors.ingress import Ingress
 from moemesh.actors.openai_protocol import IngressLimits
@@ -30,6 +34,10 @@ from moemesh.proto.auth import GrpcSecurity
 # Every role's process: one torch thread (they share a node's cores with other roles), and glibc's malloc keeps
 # multi-MB message buffers instead of mmap/munmap-ing each (measured 30x faster for fresh 2 MiB messages).
 ROLE_ENV = {"OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+RESOLVE_TIMEOUT_S = 2.0  # one address lookup through a handle (a restarting shard has none yet)
+# What a handle raises when its replica died or cannot be reached (not the worker's own errors, which are the request's)
+WORKER_LOST = (ray_errors.RayActorError, ray_errors.ObjectLostError, serve_errors.ReplicaUnavailableError,
+               serve_errors.DeploymentUnavailableError)
 TINY_CACHE = Path(os.environ.get("MOEMESH_CACHE", Path.home() / ".cache" / "moemesh")) / "models" / "tiny"
 
 
@@ -46,6 +54,10 @@ class _RoleEdge:
 
     def node_id(self) -> str:
         return _node_id()
+
+    def pid(self) -> int:
+        """This replica's process id (fault-injection tests kill exactly this process)."""
+        return os.getpid()
 
     def metrics_target(self) -> dict:
         """One Prometheus HTTP-SD entry: this replica's metrics address, labelled with its deployment."""
@@ -65,7 +77,8 @@ class EngramShardReplica(_RoleEdge, EngramShardHost):
 
 
 class AttentionWorkerReplica(_RoleEdge, AttentionWorker):
-    """Resolves the shards' handles to gRPC addresses, then is a plain AttentionWorker."""
+    """Resolves the shards' handles to gRPC addresses, then is a plain AttentionWorker. It keeps the handles: a shard
+    that Serve restarts may listen on another port, and the worker asks its handle again (`_resolver`)."""
 
     async def __init__(self, model_dir: str, expert_handles: list, expert_assignment: list,
                        engram_handles: list[list], engram_ranges: list, settings: dict, host: str,
@@ -73,21 +86,41 @@ class AttentionWorkerReplica(_RoleEdge, AttentionWorker):
         experts = [await h.grpc_address.remote() for h in expert_handles]
         routes = [(ranges, [await h.grpc_address.remote() for h in replicas])
                   for ranges, replicas in zip(engram_ranges, engram_handles)]
-        AttentionWorker.__init__(self, model_dir, experts, expert_assignment, routes, security=security, **settings)
+        self._resolve_pool = ThreadPoolExecutor(2, thread_name_prefix="resolve")  # never blocks the I/O loop's pool
+        engram_by_name = {f"engram-{s}-{r}": h for s, replicas in enumerate(engram_handles)
+                          for r, h in enumerate(replicas)}
+        AttentionWorker.__init__(self, model_dir, experts, expert_assignment, routes, security=security,
+                                 expert_resolver=self._resolver(dict(enumerate(expert_handles))),
+                                 engram_resolver=self._resolver(engram_by_name), **settings)
         self.metrics_address = self.start_metrics(bind_address(host))
+
+    def _resolver(self, handles: dict):
+        """name -> awaitable `host:port` from the named shard's handle (blocking `.result` in a small pool of its
+        own: the worker's I/O loop is not the replica's loop). Callers bound it with their own timeout."""
+        async def resolve(name) -> str:
+            handle = handles[name]
+            return await asyncio.get_running_loop().run_in_executor(
+                self._resolve_pool, lambda: handle.grpc_address.remote().result(timeout_s=RESOLVE_TIMEOUT_S))
+        return resolve
 
 
 class HandleWorker:
-    """The ingress's `Worker` protocol over one attention worker's Serve handle."""
+    """The ingress's `Worker` protocol over one attention worker's Serve handle. Ray's errors for a replica that died
+    (or cannot be reached) become `WorkerLost`, so the ingress re-admits the request elsewhere."""
 
-    def __init__(self, handle):
-        self.handle = handle
+    def __init__(self, handle, name: str = ""):
+        self.handle, self.name = handle, name
+
+    def __repr__(self) -> str:
+        return f"HandleWorker({self.name or self.handle!r})"
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params) -> AsyncIterator[Delta]:
         stream = self.handle.options(stream=True).generate.remote(request_id, prompt_token_ids, params.model_dump())
         try:
             async for delta in stream:
                 yield Delta(**delta)
+        except WORKER_LOST as e:
+            raise WorkerLost(f"{self!r}: {type(e).__name__}") from e
         finally:
             stream.cancel()  # a no-op once finished; frees the sequence on the worker when the client left early
 
@@ -106,7 +139,8 @@ class IngressReplica(_RoleEdge, Ingress):
     def __init__(self, model_dir: str, worker_handles: list, role_handles: list, model_name: str | None,
                  limits: dict, api_keys: list[str] = (), public_metrics: bool = False):
         config = ModelConfig.from_file(model_dir)
-        Ingress.__init__(self, TextCodec.from_checkpoint(model_dir), [HandleWorker(h) for h in worker_handles],
+        workers = [HandleWorker(h, f"attention-worker-{k}") for k, h in enumerate(worker_handles)]
+        Ingress.__init__(self, TextCodec.from_checkpoint(model_dir), workers,
                          model_name or Path(model_dir).resolve().name, config.max_position_embeddings,
                          IngressLimits(**limits), api_keys=api_keys, public_metrics=public_metrics)
         self.role_handles = role_handles
@@ -114,6 +148,10 @@ class IngressReplica(_RoleEdge, Ingress):
 
     async def metrics_targets(self) -> list[dict]:
         return [await h.metrics_target.remote() for h in self.role_handles]
+
+    def faults(self) -> list[dict]:
+        """Requests moved off a lost attention worker: worker, tokens so far, wall-clock lost_at / resumed_at."""
+        return list(self.router.readmits)
 
 
 def resolve_model(model: str) -> str:

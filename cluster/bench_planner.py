@@ -19,10 +19,10 @@ import os
 import platform
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
+from moemesh.cluster.bench_report import write_section
 from moemesh.cluster.plan_baselines import BASELINES
 from moemesh.cluster.plan_loads import zipf_loads
 from moemesh.cluster.plan_sample import sample_layer_cost
@@ -87,8 +87,8 @@ def compare(preset: str, devices: int, model: str, zipf: float, slots: float | N
     rows = []
     for p, secs in plans:
         bal, share, us = sampled(p)
-        rows.append(Row(preset, model, zipf, p.planner, f"{p.grouping.label} x{p.grouping.n_groups}",
-                        p.slots_per_device, bal, share, us, secs))
+        rows.append(Row(f"{preset} ({topo.n_devices:,})", model, zipf, p.planner,
+                        f"{p.grouping.label} x{p.grouping.n_groups}", p.slots_per_device, bal, share, us, secs))
     return rows
 
 
@@ -151,19 +151,6 @@ def run(presets, models, zipfs, timing_cases, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section of a markdown file (from its `## ` heading to the next `## `), or append it;
-    other sections stay as they are (the convention bench_serve.py follows too)."""
-    old = path.read_text() if path.exists() else ("# Benchmarks\n\nEvery figure below was measured by the command "
-                                                  "shown with it, on the machine named.\n")
-    if HEADING + "\n" in old:
-        before, rest = old.split(HEADING + "\n", 1)
-        after = rest.split("\n## ", 1)
-        path.write_text(before + section + ("\n## " + after[1] if len(after) > 1 else ""))
-    else:
-        path.write_text(old.rstrip("\n") + "\n\n" + section)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="H200 and NVL72 at Zipf 0.6 only")
@@ -178,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     section = run(presets, MODELS, zipfs, timing_cases, command)
     print(section)
     if args.write:
-        write_section(Path(args.write), section)
+        write_section(args.write, section)
     return 0
 
 

@@ -15,6 +15,8 @@ import statistics
 import time
 from dataclasses import dataclass
 
+from moemesh.cluster.bench_report import write_section
+
 import httpx
 import torch
 
@@ -212,23 +214,6 @@ def report(levels, served: list[LoadResult], mono: list[LoadResult], engram: dic
               "| Engram rows from | step ms |", "|---|---|"]
     lines += [f"| {name} | {t * 1e3:.1f} |" for name, t in engram.items()]
     return "\n".join(lines) + "\n"
-
-
-def write_section(path: str, text: str) -> None:
-    """Replace this benchmark's section of a markdown file (from its `## ` heading to the next), or append it."""
-    from pathlib import Path
-
-    doc = Path(path)
-    heading = text.splitlines()[0]
-    old = doc.read_text() if doc.exists() else "# Benchmarks\n\nEvery figure below was measured by the command shown " \
-                                               "with it, on the machine named.\n"
-    if heading in old:
-        before, rest = old.split(heading, 1)
-        after = rest.split("\n## ", 1)
-        old = before + text + ("\n## " + after[1] if len(after) > 1 else "")
-        doc.write_text(old)
-    else:
-        doc.write_text(old.rstrip("\n") + "\n\n" + text)
 
 
 def run(config, levels: list[int], per_client: int, prompt_len: int, max_tokens: int, write: str | None,

@@ -118,7 +118,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 # ---- bench ---------------------------------------------------------------------------------------------------------
 def _bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("what", choices=["serve"], help="serve: served cluster vs in-process engine")
+    p.add_argument("what", choices=["serve", "plan"], help="serve: served cluster vs in-process engine; plan: our "
+                                                          "planner vs the baselines on every topology preset")
+    p.add_argument("--quick", action="store_true", help="plan: H200 and NVL72 at Zipf 0.6 only")
     p.add_argument("config", nargs="?", help="deployment config YAML (default: the built-in tiny model)")
     p.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts (default 1,8,32)")
     p.add_argument("--per-client", type=int, default=2, help="requests each client sends (default 2)")
@@ -130,6 +132,10 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
 def _bench(args: argparse.Namespace) -> int:
     import os
 
+    if args.what == "plan":
+        from moemesh.cluster import bench_planner
+
+        return bench_planner.main((["--quick"] if args.quick else []) + (["--write", args.write] if args.write else []))
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     from moemesh.cluster.bench_serve import run
     from moemesh.cluster.config import DeploymentConfig
@@ -143,8 +149,16 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan_command() -> Command:
+    from moemesh.cluster import plan_cli
+
+    return Command(plan_cli.HELP, plan_cli.add_args, plan_cli.run)
+
+
 COMMANDS: dict[str, Command] = {
-    "bench": Command("measure: `bench serve` (served cluster vs in-process engine)", _bench_args, _bench),
+    "plan": _plan_command(),
+    "bench": Command("measure: `bench serve` (served cluster vs in-process engine), `bench plan` (planners)",
+                     _bench_args, _bench),
     "serve": Command("serve a model over HTTP (OpenAI API) on a Ray cluster", _serve_args, _serve),
     "generate": Command("generate text offline with the single-process reference model", _generate_args,
                         _generate),

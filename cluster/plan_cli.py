@@ -35,8 +35,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sequences", type=int, default=64, help="sequences cached per attention rank (default 64)")
     p.add_argument("--context", type=int, default=32768, help="average cached tokens per sequence (default 32768)")
     p.add_argument("--reserve", type=float, default=0.10, help="share of device memory kept free (default 0.10)")
-    p.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
-                   help="also run round-robin, EPLB global and EPLB hierarchical (default: on)")
+    p.add_argument("--compare", action="store_true",
+                   help="also run round-robin, EPLB global and EPLB hierarchical and compare")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
