@@ -258,8 +258,12 @@ def test_cli_prints_the_table_with_baselines(capsys, tmp_path):
     ap = argparse.ArgumentParser()
     plan_cli.add_parser(ap.add_subparsers(dest="command"))
     args = ap.parse_args(["plan", "--topology", "hgx-h100", "--devices", "16", "--model", "v4-flash",
-                          "--loads", str(tmp_path / "loads.npy")])
+                          "--loads", str(tmp_path / "loads.npy"), "--compare"])
     assert plan_cli.run(args) == 0
     out = capsys.readouterr().out
     for word in ("balancedness", "slowest tier share", "moemesh", "eplb-global", "eplb-hier", "round-robin"):
         assert word in out
+    args = ap.parse_args(["plan", "--topology", "hgx-h100", "--devices", "16", "--model", "v4-flash"])
+    assert plan_cli.run(args) == 0
+    out = capsys.readouterr().out
+    assert "moemesh" in out and "eplb-global" not in out  # baselines only with --compare
