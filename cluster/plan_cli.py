@@ -1,8 +1,9 @@
 """`moemesh plan`: plan a model on a topology and print the predicted figures, next to the baselines.
 
-    moemesh plan --topology deploy/topologies/hgx-h200.yaml --model v4-pro [--loads FILE] [--ranks N]
+    moemesh plan --topology deploy/topologies/hgx-h200.yaml --model v4-pro [--loads FILE] [--ranks N] [--png FILE]
 
-Without `--loads`, loads are synthetic: Zipf with `--zipf` (default 0.6), seed `--seed`. Wire-up: `add_parser`
+Without `--loads`, loads are synthetic: Zipf with `--zipf` (default 0.6), or co-activated expert clusters with
+`--clusters N` (plan_loads.clustered_loads), seed `--seed`. `--png FILE` also writes a picture (cluster/plan_png.py). Wire-up: `add_parser`
 (argparse subparsers) or `add_args` (a parser), then `run(args)` returns the exit status.
 """
 
@@ -25,6 +26,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                                    "[ranks, layers, experts] (see docs/placement.md)")
     p.add_argument("--zipf", type=float, default=0.6, help="synthetic loads when no --loads: Zipf exponent "
                                                            "(default 0.6)")
+    p.add_argument("--clusters", type=int, help="synthetic loads when no --loads: N co-activated expert clusters "
+                                                "(per-rank skew; see docs/placement.md) instead of Zipf")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic loads (default 0)")
     p.add_argument("--ranks", type=int, help="attention ranks (default: one per device)")
     p.add_argument("--disaggregate", action="store_true",
@@ -37,6 +40,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reserve", type=float, default=0.10, help="share of device memory kept free (default 0.10)")
     p.add_argument("--compare", action="store_true",
                    help="also run round-robin, EPLB global and EPLB hierarchical and compare")
+    p.add_argument("--png", help="also write a picture of the plan here: devices coloured by load, experts per "
+                                 "device, bytes per tier")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -78,7 +83,7 @@ def format_table(rows: list[dict]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from moemesh.cluster.plan_baselines import BASELINES
-    from moemesh.cluster.plan_loads import read_loads, scale_loads, zipf_loads
+    from moemesh.cluster.plan_loads import clustered_loads, read_loads, scale_loads, zipf_loads
     from moemesh.cluster.plan_shape import resolve_model
     from moemesh.cluster.planner import MemoryBudget, PlanError, plan
     from moemesh.cluster.topology import load_topology
@@ -91,6 +96,10 @@ def run(args: argparse.Namespace) -> int:
     if args.loads:
         loads = scale_loads(read_loads(args.loads), total)
         source = f"{args.loads}, scaled to {args.tokens_per_rank} tokens per rank"
+    elif args.clusters:
+        loads, _ = clustered_loads(R, shape.layers, shape.experts, args.clusters, total, seed=args.seed)
+        source = f"synthetic {args.clusters} co-activated clusters (seed {args.seed}), {args.tokens_per_rank} " \
+                 "tokens per rank"
     else:
         loads = zipf_loads(shape.layers, shape.experts, args.zipf, total, args.seed)
         source = f"synthetic Zipf {args.zipf} (seed {args.seed}), {args.tokens_per_rank} tokens per rank"
@@ -128,4 +137,8 @@ def run(args: argparse.Namespace) -> int:
         e = ours.engram
         print(f"engram: one copy per {e.level} x{e.host.shape[1]}, {e.n_shards} shards of {_gb(e.shard_bytes)} GB; "
               f"max {_gb(e.host_bytes.max())} GB on a host")
+    if args.png:
+        from moemesh.cluster.plan_png import write_plan_png
+
+        print(f"picture: {write_plan_png(ours, args.png)}")
     return 0

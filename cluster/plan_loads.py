@@ -6,6 +6,9 @@ attention rank sent them. Only proportions matter to `moemesh plan`: it rescales
 - `.npy`: the array itself (any float or int dtype);
 - `.json`: `{"loads": [[...], ...]}` (or the bare nested list);
 - `.safetensors`: a tensor named `loads`.
+
+Synthetic loads: `zipf_loads` (skewed popularity, no structure) and `clustered_loads` (co-activated expert clusters,
+each attention rank leaning towards some clusters: returns [ranks, layers, experts] and the cluster of every expert).
 """
 
 from __future__ import annotations
@@ -25,6 +28,35 @@ def zipf_loads(layers: int, experts: int, exponent: float, total: float, seed: i
     w = np.arange(1, experts + 1, dtype=np.float64) ** -exponent
     out = np.stack([rng.permutation(w) for _ in range(layers)])
     return out / out.sum(1, keepdims=True) * total
+
+
+def clustered_loads(ranks: int, layers: int, experts: int, clusters: int, total: float, *, exponent: float = 0.6,
+                    affinity: float = 4.0, background: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Co-activated expert clusters: (loads [ranks, layers, experts], cluster [layers, experts]).
+
+    Per layer the experts are dealt at random into `clusters` groups of near-equal size (cluster[l, e] = its group);
+    experts of a group fire together, so a group's experts share its load evenly. Group popularity follows Zipf with
+    `exponent` over a random order of groups. Each attention rank r leans towards group (r + l) mod clusters of
+    layer l, whose weight it multiplies by 1 + `affinity` (the per-source skew: ranks 'own' different groups).
+    A `background` share of every rank's tokens is spread evenly over all experts. Every layer sums to `total` over
+    ranks and experts (each rank sends total / ranks)."""
+    if not 0 < clusters <= experts:
+        raise ValueError(f"clusters: must be in 1..{experts} (experts), got {clusters}")
+    if exponent < 0 or affinity < 0 or not 0 <= background <= 1:
+        raise ValueError(f"exponent, affinity >= 0 and 0 <= background <= 1, got {exponent}, {affinity}, "
+                         f"{background}")
+    rng = np.random.default_rng(seed)
+    R, L, E, C = ranks, layers, experts, clusters
+    cluster = np.stack([rng.permutation(np.arange(E) % C) for _ in range(L)])                  # [L, E]
+    size = np.stack([np.bincount(c, minlength=C) for c in cluster])                            # [L, C]
+    popularity = np.stack([rng.permutation(np.arange(1, C + 1, dtype=np.float64) ** -exponent)
+                           for _ in range(L)])                                                 # [L, C]
+    own = (np.arange(R)[:, None] + np.arange(L)[None, :]) % C                                   # [R, L]
+    weight = popularity[None] * (1 + affinity * (np.arange(C)[None, None] == own[..., None]))   # [R, L, C]
+    weight /= weight.sum(-1, keepdims=True)
+    per_expert = np.take_along_axis(weight / size[None], np.broadcast_to(cluster[None], (R, L, E)), 2)  # [R, L, E]
+    loads = (1 - background) * per_expert + background / E
+    return loads * (total / R), cluster
 
 
 def read_loads(path: str | Path) -> np.ndarray:

@@ -1,7 +1,9 @@
 """One real multi-node Ray cluster (and one moemesh deployment on it) per test session.
 
 `ray.cluster_utils.Cluster` starts three Ray nodes on this machine standing in for three hosts; custom resources mark
-them (`head_node`, `expert_node`, `engram_node`) and the deployment config pins roles to them. Never `ray stop`:
+them (`head_node`, `expert_node`, `engram_node`) and the deployment config pins roles to them. Each node also carries
+its pin resource `moemesh.io/node:<marker>` and the worker nodes logical NPUs (expert_node 2, engram_node 1) that
+nothing asks for: the devices a plan is made for (tests/cluster/test_plan_apply.py). Never `ray stop`:
 everything started here is stopped with `serve.shutdown()` / `Cluster.shutdown()`.
 """
 
@@ -28,10 +30,14 @@ def ray_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "resources": {"head_node": 100}})
+    def pin(name: str) -> dict:  # each node's own resource, what cluster/plan_apply.py pins processes with
+        return {f"moemesh.io/node:{name}": 1}
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 6,
+                                                            "resources": {"head_node": 100, **pin("head")}})
     nodes = {"head_node": cluster.head_node,
-             "expert_node": cluster.add_node(num_cpus=4, resources={"expert_node": 100}),
-             "engram_node": cluster.add_node(num_cpus=4, resources={"engram_node": 100})}
+             "expert_node": cluster.add_node(num_cpus=6, resources={"expert_node": 100, "NPU": 2, **pin("expert")}),
+             "engram_node": cluster.add_node(num_cpus=6, resources={"engram_node": 100, "NPU": 1, **pin("engram")})}
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, namespace="moemesh-tests")
     yield cluster, {name: node.node_id for name, node in nodes.items()}
