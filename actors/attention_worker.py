@@ -22,30 +22,36 @@ from moemesh.actors.generation import Delta
 from moemesh.actors.remote_step import IoLoop, RemoteStep
 from moemesh.actors.role_metrics import WorkerCollector, engram_latency_histogram, role_registry, serve_registry
 from moemesh.actors.scheduler import SchedulerConfig
+from moemesh.actors.shard_health import RecoveryConfig
 from moemesh.actors.sequence import RequestParams
 from moemesh.kernels.model import load_model
 from moemesh.proto.auth import GrpcSecurity
-from moemesh.proto.transport import GrpcTransport
+from moemesh.proto.transport import GrpcTransport, Resolver
 
 
 class AttentionWorker:
     """`expert_addresses[i]` serves `expert_assignment[i]` ({layer: experts}); `engram_routes` lists
     (row ranges {layer: (start, end)}, [replica addresses]) per Engram shard. `security`: the cluster token and TLS
-    the shards' servers expect (default: neither)."""
+    the shards' servers expect (default: neither). `expert_resolver` / `engram_resolver`: where shard i / Engram
+    replica `engram-{s}-{r}` listens now (awaitable `host:port`); with them, a shard that Serve restarted on a new
+    port is found again, and steps wait for it (bounded, `recovery`) instead of failing (docs/reliability.md)."""
 
     def __init__(self, model_dir: str, expert_addresses: Sequence[str],
                  expert_assignment: Sequence[Mapping[int, Sequence[int]]],
                  engram_routes: Sequence[tuple[Mapping[int, Sequence[int]], Sequence[str]]] = (), *,
                  max_num_seqs: int = 32, kv_cache_blocks: int = 4096, block_size: int = 16,
                  dtype: str = "float32", device: str = "cpu", engram_cache_rows: int = 65536,
-                 security: GrpcSecurity | None = None):
+                 security: GrpcSecurity | None = None, expert_resolver: Resolver | None = None,
+                 engram_resolver: Resolver | None = None, recovery: RecoveryConfig | None = None):
         self.model = load_model(model_dir, dtype=getattr(torch, dtype), device=device, with_experts=False,
                                 with_engram_tables=False)
         cfg = self.model.config
         self.io = IoLoop("attention-worker-io")
         assignment = [{int(k): list(v) for k, v in held.items()} for held in expert_assignment]
-        self.dispatcher = Dispatcher(GrpcTransport(dict(enumerate(expert_addresses)), security=security),
-                                     ExpertMap.from_assignment(assignment, cfg.n_routed_experts))
+        recovery = recovery or RecoveryConfig()
+        transport = GrpcTransport(dict(enumerate(expert_addresses)), security=security, resolver=expert_resolver)
+        self.dispatcher = Dispatcher(transport, ExpertMap.from_assignment(assignment, cfg.n_routed_experts),
+                                     recovery)
         self.engram = None
         if cfg.has_engram:
             routes, addresses = [], {}
@@ -53,11 +59,14 @@ class AttentionWorker:
                 names = [f"engram-{s}-{r}" for r in range(len(replicas))]
                 addresses.update(zip(names, replicas))
                 routes.append(EngramRoute({int(k): tuple(v) for k, v in ranges.items()}, names))
-            self.engram = EngramClient(cfg, routes, GrpcEngramTransport(addresses, security=security),
-                                       EngramClientConfig(cache_rows=engram_cache_rows))
+            self.engram = EngramClient(cfg, routes, GrpcEngramTransport(addresses, security=security,
+                                                                        resolver=engram_resolver),
+                                       EngramClientConfig(cache_rows=engram_cache_rows, wait_for_restart=True,
+                                                          timeout_s=recovery.deadline_s))
         self.registry = role_registry()
         self.registry.register(WorkerCollector(self, Path(model_dir).resolve().name))
         step = RemoteStep(self.model, self.dispatcher, self.engram.lookup if self.engram else None, self.io,
+                          timeout_s=2 * recovery.deadline_s + 60,  # an Engram wait, then a layer's, at most
                           engram_latency=engram_latency_histogram(self.registry))
         tokenizer = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
         engine = Engine(self.model, tokenizer, CacheConfig(block_size=block_size, num_blocks=kv_cache_blocks),
@@ -86,6 +95,8 @@ class AttentionWorker:
             c = self.engram.counters
             out["engram"] = {"lookups": c.lookups, "cache_hits": c.cache_hits, "cache_misses": c.cache_misses,
                              "hit_rate": c.hit_rate, "failovers": c.failovers}
+        out["faults"] = {"experts": list(self.dispatcher.health.events),
+                         "engram": list(self.engram.events) if self.engram is not None else []}
         return out
 
     def start_metrics(self, host: str) -> str:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moemesh.actors.shard_health import RecoveryConfig, ShardHealth
+from moemesh.proto import errors
 from moemesh.proto.codec import TokenBatch
 from moemesh.proto.transport import ExpertTransport
 
@@ -30,6 +32,7 @@ class ExpertMap:
     shards: tuple[ShardId, ...]
     holder_table: dict[int, torch.Tensor]  # layer -> [E, R] shard positions, -1 padded
     holder_count: dict[int, torch.Tensor]  # layer -> [E]
+    _healthy_cache: dict = field(default_factory=dict, compare=False, repr=False)  # (layer, avoided) -> tables
 
     @classmethod
     def from_assignment(cls, assignment: Sequence[dict[int, Sequence[int]]], n_experts: int,
@@ -51,20 +54,44 @@ class ExpertMap:
             counts[layer] = torch.tensor([len(h) for h in holders], dtype=torch.long)
         return cls(version, shard_ids, tables, counts)
 
-    def route(self, layer: int, indices: torch.Tensor) -> dict[ShardId, tuple[torch.Tensor, torch.Tensor]]:
-        """indices [N, k] -> {shard: (token positions [n], expert ids [n, k] with -1 where another shard does it)}."""
+    def route(self, layer: int, indices: torch.Tensor,
+              avoid: frozenset = frozenset()) -> dict[ShardId, tuple[torch.Tensor, torch.Tensor]]:
+        """indices [N, k] (-1: a slot to skip) -> {shard: (token positions [n], expert ids [n, k] with -1 where
+        another shard does it)}. Shards in `avoid` (unhealthy) get only experts that no other shard holds."""
         if layer not in self.holder_table:
             raise ValueError(f"layer: {layer} has no experts in expert map version {self.version}")
+        table, count = self._holders(layer, avoid)
         idx = indices.cpu()
+        skip = idx < 0
+        safe = idx.clamp(min=0)
         token = torch.arange(idx.shape[0]).unsqueeze(-1)  # [N, 1]
-        replica = token % self.holder_count[layer][idx]  # [N, k]
-        choice = self.holder_table[layer][idx, replica]  # [N, k] shard positions
+        replica = token % count[safe]  # [N, k]
+        choice = torch.where(skip, -1, table[safe, replica])  # [N, k] shard positions
         routes = {}
         for pos in choice.unique().tolist():
+            if pos < 0:
+                continue
             mine = choice == pos
             tokens = mine.any(dim=1).nonzero().squeeze(-1)
             routes[self.shards[pos]] = (tokens, torch.where(mine, idx, -1)[tokens])
         return routes
+
+    def _holders(self, layer: int, avoid: frozenset) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's holder table and counts without the shards in `avoid`, except where an expert has no other
+        holder (it then keeps all of its holders: its tokens wait for the shard to come back)."""
+        bad = [pos for pos, shard in enumerate(self.shards) if shard in avoid]
+        if not bad:
+            return self.holder_table[layer], self.holder_count[layer]
+        key = (layer, tuple(bad))
+        if key not in self._healthy_cache:
+            rows = []
+            for row in self.holder_table[layer].tolist():
+                held = [p for p in row if p >= 0]
+                rows.append([p for p in held if p not in bad] or held)
+            width = max(len(r) for r in rows)
+            self._healthy_cache[key] = (torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.long),
+                                        torch.tensor([len(r) for r in rows], dtype=torch.long))
+        return self._healthy_cache[key]
 
 
 @dataclass
@@ -78,10 +105,16 @@ class DispatchStats:
 
 
 class Dispatcher:
-    """The all-to-all of one MoE layer, through whichever transport the worker was given."""
+    """The all-to-all of one MoE layer, through whichever transport the worker was given.
 
-    def __init__(self, transport: ExpertTransport, expert_map: ExpertMap):
+    Fault tolerance (docs/reliability.md): a shard answering UNAVAILABLE is marked down (`health`); its tokens are
+    sent again at once to other shards holding the same experts, and tokens whose experts only it holds wait for it
+    (bounded backoff, its address re-resolved through the transport's resolver) for up to `recovery.deadline_s`.
+    Dispatch is idempotent, so a token computed twice is harmless."""
+
+    def __init__(self, transport: ExpertTransport, expert_map: ExpertMap, recovery: RecoveryConfig | None = None):
         self.transport, self.expert_map, self.stats = transport, expert_map, DispatchStats()
+        self.health = ShardHealth(transport, recovery)
 
     def swap_map(self, expert_map: ExpertMap) -> None:
         """Install a new expert map; steps already dispatching keep the version they started with."""
@@ -90,19 +123,53 @@ class Dispatcher:
     async def __call__(self, layer: int, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
                        step_id: int = 0) -> torch.Tensor:
         """x [N, D], indices [N, k], weights [N, k] -> Σ over each token's experts of w·expert(x)  [N, D]."""
-        emap = self.expert_map
-        routes = emap.route(layer, indices)
-        weights = weights.float()
-        batches = {shard: TokenBatch(layer, x[tok], ids, weights[tok], step_id=step_id,
-                                     expert_map_version=emap.version)
-                   for shard, (tok, ids) in routes.items()}
-        replies = await asyncio.gather(*(self.transport.dispatch(s, b) for s, b in batches.items()))
-        out = torch.zeros_like(x)
-        for (shard, (tok, _)), reply in zip(routes.items(), replies):
-            out.index_add_(0, tok.to(x.device), reply.to(device=x.device, dtype=x.dtype))
-            self._count(shard, batches[shard], reply)
+        emap, out = self.expert_map, torch.zeros_like(x)
+        loop = asyncio.get_running_loop()
+        deadline, pause = loop.time() + self.health.config.deadline_s, self.health.config.backoff_s
+        positions, ids, failed_shards, w = torch.arange(x.shape[0]), indices, set(), weights.float()
+        while True:
+            routes = emap.route(layer, ids, avoid=self.health.down)
+            waiting = [s for s in routes if s in self.health.down]
+            if failed_shards and waiting:  # some experts have no healthy holder: wait for their shard to return
+                if loop.time() + pause >= deadline:
+                    raise errors.Unavailable(f"expert shards {sorted(map(str, waiting))} did not come back within "
+                                             f"{self.health.config.deadline_s:g} s (layer {layer})")
+                await asyncio.sleep(pause)
+                pause = min(2 * pause, self.health.config.max_backoff_s)
+                await asyncio.gather(*(self.transport.refresh(s, self.health.config.probe_timeout_s)
+                                       for s in waiting))
+            failed = await self._round(layer, emap, x, w, positions, routes, out, step_id)
+            if not failed:
+                if failed_shards:
+                    self.health.recovered(failed_shards, rerouted=not waiting)
+                break
+            failed_shards |= {shard for shard, _ in failed}  # the next round carries only their tokens
+            positions = torch.cat([positions[tok] for _, (tok, _) in failed])
+            ids = torch.cat([sub for _, (_, sub) in failed])
         self._count_experts(layer, indices)
         return out
+
+    async def _round(self, layer: int, emap: ExpertMap, x: torch.Tensor, weights: torch.Tensor,
+                     positions: torch.Tensor, routes: dict, out: torch.Tensor, step_id: int) -> list:
+        """Send one round (the tokens at `positions` of x, routed by `routes`), add the answers into `out` ->
+        [(shard, (token rows within this round, expert ids))] of the shards that were UNAVAILABLE."""
+        batches = {shard: TokenBatch(layer, x[positions[tok]], ids, weights[positions[tok]], step_id=step_id,
+                                     expert_map_version=emap.version)
+                   for shard, (tok, ids) in routes.items()}
+        replies = await asyncio.gather(*(self.transport.dispatch(s, b) for s, b in batches.items()),
+                                       return_exceptions=True)
+        failed = []
+        for (shard, (tok, ids)), reply in zip(routes.items(), replies):
+            if isinstance(reply, (errors.Unavailable, TimeoutError)):  # gone (or hung): not the request's fault
+                self.health.mark_down(shard, reply)
+                failed.append((shard, (tok, ids)))
+                continue
+            if isinstance(reply, BaseException):
+                raise reply
+            self.health.answered(shard)
+            out.index_add_(0, positions[tok].to(x.device), reply.to(device=x.device, dtype=x.dtype))
+            self._count(shard, batches[shard], reply)
+        return failed
 
     def _count(self, shard: ShardId, batch: TokenBatch, reply: torch.Tensor) -> None:
         self.stats.bytes_to[shard] += batch.nbytes

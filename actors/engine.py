@@ -117,6 +117,11 @@ class Engine:
             raise ValueError("stop: stop strings need an engine with a tokenizer")
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self._eos)
         seq = Sequence(request_id, prompt, params.max_tokens, stop_ids)
+        if params.replay_chunks:
+            if sum(params.replay_chunks) != len(prompt):
+                raise ValueError(f"replay_chunks: they sum to {sum(params.replay_chunks)} tokens, the prompt has "
+                                 f"{len(prompt)}")
+            seq.chunks = list(params.replay_chunks)  # fed as recorded, like a preempted sequence's recompute
         self.scheduler.check(seq)
         return seq
 

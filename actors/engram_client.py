@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
 from collections.abc import Hashable, Mapping, Sequence
@@ -36,7 +37,7 @@ from moemesh.kernels.engram import engram_table_sizes
 from moemesh.proto import codec, engram_pb2_grpc, errors
 from moemesh.proto.auth import GrpcSecurity
 from moemesh.proto.codec import EngramLookup
-from moemesh.proto.transport import DEFAULT_MAX_MESSAGE_BYTES, message_options
+from moemesh.proto.transport import DEFAULT_MAX_MESSAGE_BYTES, Resolver, message_options, resolve_address
 
 ReplicaId = Hashable  # a shard replica as the plan names it (an int index or a name)
 
@@ -50,6 +51,11 @@ class EngramTransport(ABC):
                      request_id: str = "") -> dict[int, torch.Tensor]:
         """{layer: int64 [m] global rows} -> {layer: rows [m, W]} in the shard's dtype (read-only). Raises the
         shard's exceptions; `errors.Unavailable` / `TimeoutError` when the replica cannot answer in `timeout_s`."""
+
+    async def refresh(self, replica: ReplicaId, timeout_s: float) -> bool:
+        """Ask where `replica` listens now and reconnect there if it moved -> True if the address changed (a
+        transport without a resolver: False)."""
+        return False
 
     async def close(self) -> None:
         """Release connections. The transport is unusable afterwards."""
@@ -81,9 +87,11 @@ class GrpcEngramTransport(EngramTransport):
     `security`: the cluster token sent on every call and TLS (default: neither), as the shards' servers expect."""
 
     def __init__(self, addresses: Mapping[ReplicaId, str], *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 reconnect_backoff_s: float = 0.1, security: GrpcSecurity | None = None):
+                 reconnect_backoff_s: float = 0.1, security: GrpcSecurity | None = None,
+                 resolver: Resolver | None = None):
         self.addresses = dict(addresses)
         self.security = security or GrpcSecurity()
+        self.resolver = resolver  # where a replica listens now (a restarted one may have a new port)
         # gRPC's default waits 1 s (growing to 120 s) before reconnecting to a lost peer; a replica back from its
         # cool-down should be reachable again soon after it is.
         backoff_ms = max(int(reconnect_backoff_s * 1000), 10)
@@ -108,9 +116,24 @@ class GrpcEngramTransport(EngramTransport):
         request = codec.encode_lookup(EngramLookup(row_ids, request_id))
         try:
             reply = await self._stub(replica).Lookup(request, timeout=timeout_s, metadata=self.security.metadata)
+        except grpc.aio.UsageError:  # `refresh` closed this channel (the replica moved): the client asks again
+            raise errors.Unavailable(f"replica {replica!r}: its channel was replaced (new address)") from None
         except grpc.aio.AioRpcError as e:
             raise errors.exception_for(e.code(), e.details() or "") from None
         return codec.decode_lookup_reply(reply)
+
+    async def refresh(self, replica, timeout_s):
+        if self.resolver is None:
+            return False
+        address = await resolve_address(self.resolver, replica, timeout_s)
+        if address is None or address == self.addresses.get(replica):
+            return False
+        self.addresses[replica] = address
+        self._stubs.pop(replica, None)
+        channel = self._channels.pop(replica, None)
+        if channel is not None:
+            await channel.close()
+        return True
 
     async def close(self) -> None:
         channels, self._channels, self._stubs = list(self._channels.values()), {}, {}
@@ -172,6 +195,10 @@ class EngramClientConfig(BaseModel):
     attempt_timeout_s: float = Field(1.0, gt=0, description="Deadline of one call to one replica.")
     cooldown_s: float = Field(2.0, ge=0, description="How long a replica that failed is tried last.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Dtype of the returned rows.")
+    wait_for_restart: bool = Field(False, description="When no replica of a range answers, re-resolve their "
+                                   "addresses and ask again (backoff) until `timeout_s` instead of failing at once.")
+    restart_backoff_s: float = Field(0.2, gt=0, description="First pause before asking a range again (doubles, "
+                                     "at most 2 s).")
     latency_window: int = Field(1024, gt=0, description="Recent fetch latencies kept in the counters.")
 
 
@@ -236,6 +263,7 @@ class EngramClient:
         self._turn = [0] * len(self.routes)
         self._ids = itertools.count()
         self.name = name
+        self.events: deque[dict] = deque(maxlen=256)  # lookups that needed failover: wall-clock failure/recovery
 
     async def lookup(self, hash_ids: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """{layer: per-head indices int [N, O*H]} (as `DeepseekV4.engram_hash_ids` gives them) -> {layer: rows
@@ -310,9 +338,34 @@ class EngramClient:
 
     async def _fetch_route(self, r: int, row_ids: dict[int, torch.Tensor], deadline: float,
                            request_id: str) -> dict[int, torch.Tensor]:
-        """One route's rows from the first of its replicas that answers."""
+        """One route's rows from the first of its replicas that answers. With `wait_for_restart`, a route none of
+        whose replicas answered is asked again (addresses re-resolved, bounded backoff) until the deadline."""
         loop = asyncio.get_running_loop()
-        failures = []
+        failures, pause = [], self.config.restart_backoff_s
+        while True:
+            reply = await self._try_replicas(r, row_ids, deadline, request_id, failures)
+            if reply is not None:
+                if failures:
+                    self.events.append({"route": r, "failed_at": failures[0][0], "recovered_at": time.time(),
+                                        "failures": len(failures)})
+                return reply
+            if not self.config.wait_for_restart or loop.time() + pause >= deadline:
+                break
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, 2.0)
+            await asyncio.gather(*(self.transport.refresh(x, self.config.attempt_timeout_s)
+                                   for x in self.routes[r].replicas))
+        what = f"Engram rows {dict(self.routes[r].ranges)}: no replica answered"
+        said = "; ".join(msg for _, msg in failures[-4:]) or "no attempt"
+        if deadline - loop.time() <= 0:
+            raise TimeoutError(f"{what} within {self.config.timeout_s} s ({said})")
+        raise errors.Unavailable(f"{what} ({said})")
+
+    async def _try_replicas(self, r: int, row_ids: dict[int, torch.Tensor], deadline: float, request_id: str,
+                            failures: list) -> dict[int, torch.Tensor] | None:
+        """Each replica of route r once, in `_replica_order`, until one answers -> its rows, or None (failures
+        appended as (wall time, message))."""
+        loop = asyncio.get_running_loop()
         for replica in self._replica_order(r):
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -323,14 +376,11 @@ class EngramClient:
             except (errors.Unavailable, TimeoutError) as e:
                 self._down_until[replica] = loop.time() + self.config.cooldown_s
                 self.counters.failovers += 1
-                failures.append(f"{replica!r}: {type(e).__name__}: {e}")
+                failures.append((time.time(), f"{replica!r}: {type(e).__name__}: {e}"))
                 continue
             self.counters.fetches += 1
             return reply
-        what = f"Engram rows {dict(self.routes[r].ranges)}: no replica answered"
-        if deadline - loop.time() <= 0:
-            raise TimeoutError(f"{what} within {self.config.timeout_s} s ({'; '.join(failures) or 'no attempt'})")
-        raise errors.Unavailable(f"{what} ({'; '.join(failures)})")
+        return None
 
     def _replica_order(self, r: int) -> list[ReplicaId]:
         """Replicas not cooling down first, in turns (spreads load); then the cooling ones, soonest back first."""

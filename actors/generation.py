@@ -13,19 +13,25 @@ import asyncio
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from moemesh.actors.openai_protocol import FinishReason, WorkerError, too_many_requests, unavailable
+from moemesh.actors.openai_protocol import FinishReason, OpenAIError, WorkerError, too_many_requests, unavailable
 from moemesh.actors.text_codec import IncrementalDecoder, StopCutter
 
 log = logging.getLogger(__name__)
 
 
 # ---- the worker interface ------------------------------------------------------------------------------------------
+class WorkerLost(ConnectionError):
+    """The worker died or cannot be reached (not a problem of the request): the ingress re-admits the request on
+    another worker."""
+
+
 class GenerationParams(BaseModel):
     """What the worker needs to generate one sequence (one choice). Mirrors the engine's params model."""
 
@@ -38,6 +44,8 @@ class GenerationParams(BaseModel):
     stop: list[str] = Field(default_factory=list, description="Stop strings (the ingress also cuts at them).")
     stop_token_ids: list[int] = Field(default_factory=list, description="Extra token ids that end the sequence.")
     ignore_eos: bool = False
+    replay_chunks: list[int] = Field(default_factory=list, description="Set by the ingress when it moves a request "
+                                     "off a lost worker: how the prompt's tokens were fed there (exact recompute).")
 
 
 @dataclass(frozen=True)
@@ -61,8 +69,9 @@ class Worker(Protocol):
     """An attention worker (or a client of one) as the ingress sees it.
 
     - `generate` returns an async iterator of `Delta`s (an `async def` with `yield` qualifies); the last one has
-      `finish_reason` set. Raise `ValueError` for parameters the worker refuses (the client gets 400); any other
-      exception fails the request with 503. When the ingress stops iterating (client gone, stop string found) it
+      `finish_reason` set. Raise `ValueError` for parameters the worker refuses (the client gets 400) and
+      `WorkerLost` when the worker itself is gone (the request moves to another worker, re-prefilling its prompt plus
+      the tokens already generated); any other exception fails the request with 503. When the ingress stops iterating (client gone, stop string found) it
       cancels the iteration and calls `abort`.
     - `load` is the worker's queue depth (running + waiting requests), for least-loaded routing.
     - `abort` frees the request's resources (KV blocks); unknown or finished ids are ignored.
@@ -89,18 +98,31 @@ class LeastLoadedRouter:
         self.workers = list(workers)
         self._timeout_s, self._max_load, self._retry_after_s = timeout_s, max_load, retry_after_s
         self._next = 0
+        self._down_until: dict[int, float] = {}  # worker index -> monotonic time until which it is skipped
+        self.readmits: deque[dict] = deque(maxlen=256)  # the last requests moved off a lost worker (Generation)
+
+    def mark_down(self, worker: Worker, for_s: float) -> None:
+        """Skip `worker` for `for_s` seconds (it was lost; Serve is restarting it)."""
+        for i, w in enumerate(self.workers):
+            if w is worker:
+                self._down_until[i] = time.monotonic() + for_s
 
     async def loads(self) -> list[float | None]:
-        """Each worker's load, None where it failed or timed out."""
-        return list(await asyncio.gather(*(self._load(w) for w in self.workers)))
+        """Each worker's load, None where it failed, timed out or is marked down."""
+        now = time.monotonic()
+        return list(await asyncio.gather(*(self._load(w) if self._down_until.get(i, 0.0) <= now else _none()
+                                           for i, w in enumerate(self.workers))))
 
-    async def pick(self) -> Worker:
+    async def pick(self, exclude: Sequence[Worker] = (), limit: bool = True) -> Worker:
+        """The least loaded worker not in `exclude`; `limit=False` ignores `max_load` (a re-admitted request was
+        already admitted once)."""
         loads = await self.loads()
-        alive = [i for i, load in enumerate(loads) if load is not None]
+        alive = [i for i, load in enumerate(loads)
+                 if load is not None and not any(self.workers[i] is w for w in exclude)]
         if not alive:
             raise unavailable("no attention worker is available", code="no_worker")
         best = min(loads[i] for i in alive)
-        if self._max_load is not None and best >= self._max_load:
+        if limit and self._max_load is not None and best >= self._max_load:
             raise too_many_requests(f"every attention worker is full ({best:g} sequences or more each); retry later",
                                     self._retry_after_s, code="workers_full")
         n = len(self.workers)
@@ -115,6 +137,10 @@ class LeastLoadedRouter:
             log.warning("worker %r: load() failed: %r", worker, e)
             return None
         return load if math.isfinite(load) else None
+
+
+async def _none() -> None:
+    return None
 
 
 # ---- one request's choices on a worker -----------------------------------------------------------------------------
@@ -134,6 +160,9 @@ class Choice:
     worker_done: bool = False
     first_token_at: float | None = None
     finished_at: float | None = None
+    worker_text: bool = False  # the worker sent text (so `decoder` has not seen the tokens)
+    worker_text_len: int = 0
+    skip_chars: int = 0  # decoder output the client already got from a lost worker
 
     def feed(self, delta: Delta, now: float) -> None:
         """Take one delta: count tokens, decode, cut at a stop string (which finishes the choice)."""
@@ -141,7 +170,9 @@ class Choice:
             self.first_token_at = now
         self.tokens = delta.completion_tokens if delta.completion_tokens is not None else \
             self.tokens + len(delta.token_ids)
-        text = delta.text if delta.text is not None else self.decoder.push(self._visible(delta))
+        if delta.text is not None:
+            self.worker_text, self.worker_text_len = True, self.worker_text_len + len(delta.text)
+        text = delta.text if delta.text is not None else self._decoded(self.decoder.push(self._visible(delta)))
         if delta.finish_reason:
             self.worker_done = True
             text += self.decoder.flush() if delta.text is None else ""
@@ -157,6 +188,23 @@ class Choice:
             return ids[:-1]
         return ids
 
+    def resume(self, token_ids: list[int], now: float) -> None:
+        """The sequence moves to another worker after `token_ids` (all of its tokens so far); from now on the ingress
+        decodes. If the worker did the decoding so far, catch the decoder up and take the text the lost worker still
+        held back (it waits at stop-string prefixes)."""
+        if not self.worker_text:
+            return
+        self.worker_text, self.skip_chars = False, self.worker_text_len
+        if self.cutter.add(self._decoded(self.decoder.push(token_ids))):
+            self.finish("stop", now)
+
+    def _decoded(self, text: str) -> str:
+        """Decoder output minus what the lost worker already sent (the decoder holds back partial characters, so
+        that text may come out later than the catch-up push)."""
+        cut = min(self.skip_chars, len(text))
+        self.skip_chars -= cut
+        return text[cut:]
+
     def finish(self, reason: FinishReason, now: float) -> None:
         if self.finish_reason is None:
             self.finish_reason, self.finished_at = reason, now
@@ -167,18 +215,43 @@ class Choice:
         return out
 
 
+@dataclass(frozen=True)
+class _Resumed:
+    """Queued when a choice moves to another worker: every token it had so far."""
+
+    token_ids: list[int]
+
+
+@dataclass(frozen=True)
+class ReadmitPolicy:
+    """How a request whose worker was lost moves on: at most `max_readmits` moves per choice, each waiting at most
+    `timeout_s` for a worker to take it; the lost worker is skipped by routing for `down_for_s`."""
+
+    max_readmits: int = 3
+    timeout_s: float = 60.0
+    down_for_s: float = 5.0
+    retry_every_s: float = 1.0
+
+
 class Generation:
     """Runs one HTTP request's choices on one worker, one stream each, and merges their deltas.
 
     `events()` yields each choice that has new text or just finished; `close()` (idempotent, never awaits, so it is
-    safe under cancellation) stops the streams and aborts every sequence the worker has not finished."""
+    safe under cancellation) stops the streams and aborts every sequence the worker has not finished. With a
+    `router`, a choice whose worker is lost (`WorkerLost`) is re-admitted on another worker with its prompt plus the
+    tokens it already got as the new prompt (greedy output is unchanged; sampled output continues from a fresh
+    generator); the client sees one uninterrupted answer. Each move is recorded in `router.readmits`."""
 
     def __init__(self, worker: Worker, choices: list[Choice], idle_timeout_s: float, prompt_tokens: int,
-                 started_at: float | None = None):
+                 started_at: float | None = None, router: LeastLoadedRouter | None = None,
+                 readmit: ReadmitPolicy | None = None):
         self.worker, self.choices, self.prompt_tokens = worker, choices, prompt_tokens
+        self.router, self.readmit = router, readmit or ReadmitPolicy()
         self._idle_timeout_s = idle_timeout_s
-        self._queue: asyncio.Queue = asyncio.Queue()
+        self._queue: asyncio.Queue = asyncio.Queue()  # bounded by the choices' max_tokens (one delta per token)
         self._tasks: dict[int, asyncio.Task] = {}
+        self._on: dict[int, tuple[Worker, str]] = {c.index: (worker, c.request_id) for c in choices}
+        self._records: dict[int, dict] = {}  # choice index -> the record of its last move, until it resumes
         self.started_at = time.perf_counter() if started_at is None else started_at  # request arrival
         self.closed = False
 
@@ -198,7 +271,10 @@ class Generation:
                 continue
             if isinstance(item, BaseException):
                 raise WorkerError(str(item)) from item
-            choice.feed(item, time.perf_counter())
+            if isinstance(item, _Resumed):
+                choice.resume(item.token_ids, time.perf_counter())
+            else:
+                choice.feed(item, time.perf_counter())
             if choice.finish_reason:
                 del live[index]
                 self._stop(choice)
@@ -219,23 +295,77 @@ class Generation:
             task.cancel()
         if not choice.worker_done:
             choice.worker_done = True
-            _spawn(self.worker.abort(choice.request_id))
+            worker, request_id = self._on[choice.index]
+            _spawn(worker.abort(request_id))
 
     async def _pump(self, choice: Choice) -> None:
+        """Stream the choice's deltas into the queue, moving it to another worker when its worker is lost."""
+        worker, got, moves = self.worker, [], 0
+        while True:
+            try:
+                await self._stream(worker, choice, got, moves)
+                return
+            except WorkerLost as e:
+                if self.router is None or moves >= self.readmit.max_readmits:
+                    self._queue.put_nowait((choice.index, e))
+                    return
+                moves += 1
+                try:
+                    worker = await self._move(worker, choice, got, moves, e)
+                except Exception as e2:
+                    self._queue.put_nowait((choice.index, e2))
+                    return
+            except Exception as e:
+                self._queue.put_nowait((choice.index, e))
+                return
+
+    async def _stream(self, worker: Worker, choice: Choice, got: list[int], moves: int) -> None:
+        """One worker's stream of the choice; after a move the prompt is the original prompt + `got`, and the deltas
+        are rebased (cumulative counts) and decoded here."""
+        request_id = choice.request_id if not moves else f"{choice.request_id}-m{moves}"
+        self._on[choice.index] = (worker, request_id)
+        params = choice.params
+        if got:  # fed as on the lost worker (prompt, then one chunk per token): the continuation is exact
+            params = params.model_copy(update={"max_tokens": params.max_tokens - len(got),
+                                               "replay_chunks": [len(choice.prompt_ids)] + [1] * len(got)})
+        offset, record = len(got), self._records.pop(choice.index, None)
         stream = None
         try:
-            stream = self.worker.generate(choice.request_id, choice.prompt_ids, choice.params)
+            stream = worker.generate(request_id, choice.prompt_ids + got, params)
             async for delta in stream:
+                if moves:
+                    delta = Delta(delta.token_ids, None, delta.finish_reason, delta.prompt_tokens,
+                                  None if delta.completion_tokens is None else offset + delta.completion_tokens)
+                    if record is not None:
+                        record["resumed_at"], record = time.time(), None
+                got += delta.token_ids
                 self._queue.put_nowait((choice.index, delta))
                 if delta.finish_reason:
                     return
             self._queue.put_nowait((choice.index, RuntimeError("the stream ended without a finish_reason")))
-        except Exception as e:
-            self._queue.put_nowait((choice.index, e))
         finally:
             close = getattr(stream, "aclose", None)
             if close is not None:
                 await close()
+
+    async def _move(self, lost: Worker, choice: Choice, got: list[int], moves: int, error: Exception) -> Worker:
+        """Mark `lost` down (routing skips it for `down_for_s`) and pick another worker, waiting (bounded) while none
+        is available; after `down_for_s` the lost one counts again if it answers (Serve restarted it)."""
+        log.warning("worker %r lost (%s): re-admitting %s after %d tokens", lost, error, choice.request_id, len(got))
+        record = {"worker": repr(lost), "request_id": choice.request_id, "tokens": len(got), "lost_at": time.time(),
+                  "resumed_at": None}
+        self.router.readmits.append(record)
+        self._records[choice.index] = record
+        self.router.mark_down(lost, self.readmit.down_for_s)
+        self._queue.put_nowait((choice.index, _Resumed(list(got))))
+        deadline = time.monotonic() + self.readmit.timeout_s
+        while True:
+            try:
+                return await self.router.pick(limit=False)
+            except OpenAIError:
+                if time.monotonic() + self.readmit.retry_every_s >= deadline:
+                    raise
+            await asyncio.sleep(self.readmit.retry_every_s)
 
     @property
     def completion_tokens(self) -> int:

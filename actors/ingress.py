@@ -141,7 +141,7 @@ class Ingress:
             fmt = format_cls(self.model_name, req.include_usage)
             choices, prompt_tokens = self._choices(req, fmt.id)
             gen = Generation(await self.router.pick(), choices, self.limits.stream_idle_timeout_s, prompt_tokens,
-                             started_at=arrival)
+                             started_at=arrival, router=self.router)
         except Exception as e:
             return self._error(e)
         gen.start()

@@ -37,6 +37,17 @@ class RequestParams(BaseModel):
     stop_token_ids: list[int] = Field(default_factory=list, description="Token ids that end the request (besides "
                                       "the model's eos); their text is not returned.")
     ignore_eos: bool = Field(False, description="Keep generating past the model's eos token.")
+    replay_chunks: list[int] = Field(default_factory=list, description="A request moved from a lost worker: the "
+                                     "chunks its prompt tokens were fed in there (the original prompt, then one per "
+                                     "generated token); fed the same way here so the continuation is exact. Empty: "
+                                     "a new request.")
+
+    @field_validator("replay_chunks")
+    @classmethod
+    def _positive_chunks(cls, v: list[int]) -> list[int]:
+        if any(k < 1 for k in v):
+            raise ValueError(f"replay_chunks: every chunk needs 1 or more tokens, got {v[:8]}")
+        return v
 
     @field_validator("stop", mode="before")
     @classmethod

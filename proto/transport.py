@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Hashable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 from typing import Protocol
 
 import grpc
 import torch
 
-from moemesh.proto import codec, errors, expert_pb2, expert_pb2_grpc
+from moemesh.proto import codec, errors, expert_pb2, expert_pb2_grpc, health_pb2, health_pb2_grpc
 from moemesh.proto.auth import GrpcSecurity
 from moemesh.proto.codec import TokenBatch
 
 ShardId = Hashable  # a destination as the plan names it (an int index or a name)
+# Where a destination listens now (`host:port`): a shard restarted by Serve may come back on another port.
+Resolver = Callable[[Hashable], Awaitable[str]]
 
 DEFAULT_MAX_MESSAGE_BYTES = 512 * 1024 * 1024  # 4096 tokens x 7168 x fp32 is 117 MB; gRPC's default is 4 MiB
 
@@ -38,6 +40,16 @@ class ExpertTransport(ABC):
     async def dispatch(self, shard: ShardId, batch: TokenBatch) -> torch.Tensor:
         """-> [n, D] in `batch.hidden`'s dtype: per token, the weighted sum over the token's experts held by `shard`
         (zeros for tokens with none there). Read-only: add it to something, do not write into it."""
+
+    async def health(self, shard: ShardId, timeout_s: float) -> bool:
+        """True when `shard` answers that it serves (a health check), False otherwise; never raises for a dead
+        shard."""
+        return True
+
+    async def refresh(self, shard: ShardId, timeout_s: float) -> bool:
+        """Ask where `shard` listens now and reconnect there if it moved -> True if the address changed. A transport
+        without a resolver keeps its addresses (False)."""
+        return False
 
     async def close(self) -> None:
         """Release connections. The transport is unusable afterwards."""
@@ -61,15 +73,19 @@ class InProcessTransport(ExpertTransport):
             raise ValueError(f"shard: unknown destination {shard!r}; known: {sorted(map(str, self.shards))}")
         return await target.dispatch(batch)
 
+    async def health(self, shard: ShardId, timeout_s: float) -> bool:
+        return bool(getattr(self.shards.get(shard), "serving", False))
+
 
 class GrpcTransport(ExpertTransport):
     """Calls expert shard servers: one `grpc.aio` channel per destination (opened on first use, in the running event
     loop), a deadline per call, bounded retries with exponential backoff on UNAVAILABLE (dispatch is idempotent).
-    `security`: the cluster token sent on every call and TLS (default: neither), as the shards' servers expect."""
+    `security`: the cluster token sent on every call and TLS (default: neither), as the shards' servers expect.
+    `resolver`: where a shard listens now (e.g. asked through its Serve handle), for `refresh` after a restart."""
 
     def __init__(self, addresses: Mapping[ShardId, str], *, timeout_s: float = 30.0, retries: int = 3,
                  backoff_s: float = 0.05, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 security: GrpcSecurity | None = None):
+                 security: GrpcSecurity | None = None, resolver: Resolver | None = None):
         if timeout_s <= 0 or retries < 0 or backoff_s < 0 or max_message_bytes <= 0:
             raise ValueError(f"GrpcTransport: bad settings timeout_s={timeout_s} retries={retries} "
                              f"backoff_s={backoff_s} max_message_bytes={max_message_bytes}")
@@ -77,6 +93,7 @@ class GrpcTransport(ExpertTransport):
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
         self.max_message_bytes = max_message_bytes
         self.security = security or GrpcSecurity()
+        self.resolver = resolver
         self._channels: dict[ShardId, grpc.aio.Channel] = {}
         self._stubs: dict[ShardId, expert_pb2_grpc.ExpertShardStub] = {}
 
@@ -112,6 +129,8 @@ class GrpcTransport(ExpertTransport):
             try:
                 return await method(request, timeout=max(deadline - loop.time(), 0.001),
                                     metadata=self.security.metadata)
+            except grpc.aio.UsageError:  # `refresh` closed this channel (the shard moved): the caller re-sends
+                raise errors.Unavailable("the shard's channel was replaced (it moved to a new address)") from None
             except grpc.aio.AioRpcError as e:
                 pause = self.backoff_s * 2 ** attempt
                 retry = e.code() == grpc.StatusCode.UNAVAILABLE and attempt < self.retries
@@ -120,7 +139,39 @@ class GrpcTransport(ExpertTransport):
             await asyncio.sleep(pause)
             attempt += 1
 
+    async def health(self, shard: ShardId, timeout_s: float) -> bool:
+        self._stub(shard)
+        try:
+            reply = await health_pb2_grpc.HealthStub(self._channels[shard]).Check(
+                health_pb2.HealthCheckRequest(), timeout=timeout_s, metadata=self.security.metadata)
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError):
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    async def refresh(self, shard: ShardId, timeout_s: float) -> bool:
+        if self.resolver is None:
+            return False
+        address = await resolve_address(self.resolver, shard, timeout_s)
+        if address is None or address == self.addresses.get(shard):
+            return False
+        self.addresses[shard] = address
+        self._stubs.pop(shard, None)
+        channel = self._channels.pop(shard, None)
+        if channel is not None:
+            await channel.close()
+        return True
+
     async def close(self) -> None:
         channels, self._channels, self._stubs = list(self._channels.values()), {}, {}
         for channel in channels:
             await channel.close()
+
+
+async def resolve_address(resolver: Resolver, target: Hashable, timeout_s: float) -> str | None:
+    """`resolver(target)` within `timeout_s` -> `host:port`, or None when it failed or took too long (a restarting
+    target has no address yet; the caller tries again later)."""
+    try:
+        address = await asyncio.wait_for(resolver(target), timeout_s)
+    except Exception:  # noqa: BLE001 - any failure means "not known yet"; the caller's loop is bounded
+        return None
+    return address if isinstance(address, str) and address else None
