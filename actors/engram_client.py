@@ -37,7 +37,7 @@ from moemesh.kernels.engram import engram_table_sizes
 from moemesh.proto import codec, engram_pb2_grpc, errors
 from moemesh.proto.auth import GrpcSecurity
 from moemesh.proto.codec import EngramLookup
-from moemesh.proto.transport import DEFAULT_MAX_MESSAGE_BYTES, Resolver, message_options, resolve_address
+from moemesh.proto.transport import DEFAULT_MAX_MESSAGE_BYTES, ChannelPool, Resolver, reconnect_options
 
 ReplicaId = Hashable  # a shard replica as the plan names it (an int index or a name)
 
@@ -89,33 +89,19 @@ class GrpcEngramTransport(EngramTransport):
     def __init__(self, addresses: Mapping[ReplicaId, str], *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  reconnect_backoff_s: float = 0.1, security: GrpcSecurity | None = None,
                  resolver: Resolver | None = None):
-        self.addresses = dict(addresses)
         self.security = security or GrpcSecurity()
-        self.resolver = resolver  # where a replica listens now (a restarted one may have a new port)
-        # gRPC's default waits 1 s (growing to 120 s) before reconnecting to a lost peer; a replica back from its
-        # cool-down should be reachable again soon after it is.
-        backoff_ms = max(int(reconnect_backoff_s * 1000), 10)
-        self._options = message_options(max_message_bytes) + [
-            ("grpc.initial_reconnect_backoff_ms", backoff_ms), ("grpc.min_reconnect_backoff_ms", backoff_ms),
-            ("grpc.max_reconnect_backoff_ms", max(backoff_ms * 8, 1000))]
-        self._channels: dict[ReplicaId, grpc.aio.Channel] = {}
-        self._stubs: dict[ReplicaId, engram_pb2_grpc.EngramStub] = {}
+        # a replica back from its cool-down should be reachable again soon after it is
+        options = reconnect_options(max_message_bytes, reconnect_backoff_s, int(reconnect_backoff_s * 8000))
+        self.pool = ChannelPool(addresses, self.security, options, resolver, what="replica")
 
-    def _stub(self, replica: ReplicaId) -> engram_pb2_grpc.EngramStub:
-        stub = self._stubs.get(replica)
-        if stub is None:
-            address = self.addresses.get(replica)
-            if address is None:
-                raise ValueError(f"replica: unknown Engram replica {replica!r}; "
-                                 f"known: {sorted(map(str, self.addresses))}")
-            self._channels[replica] = self.security.channel(address, self._options)
-            stub = self._stubs[replica] = engram_pb2_grpc.EngramStub(self._channels[replica])
-        return stub
+    @property
+    def addresses(self) -> dict[ReplicaId, str]:
+        return self.pool.addresses
 
     async def lookup(self, replica, row_ids, *, timeout_s, request_id=""):
         request = codec.encode_lookup(EngramLookup(row_ids, request_id))
         try:
-            reply = await self._stub(replica).Lookup(request, timeout=timeout_s, metadata=self.security.metadata)
+            reply = await self.pool.stub(replica, engram_pb2_grpc.EngramStub).Lookup(request, timeout=timeout_s, metadata=self.security.metadata)
         except grpc.aio.UsageError:  # `refresh` closed this channel (the replica moved): the client asks again
             raise errors.Unavailable(f"replica {replica!r}: its channel was replaced (new address)") from None
         except grpc.aio.AioRpcError as e:
@@ -123,22 +109,10 @@ class GrpcEngramTransport(EngramTransport):
         return codec.decode_lookup_reply(reply)
 
     async def refresh(self, replica, timeout_s):
-        if self.resolver is None:
-            return False
-        address = await resolve_address(self.resolver, replica, timeout_s)
-        if address is None or address == self.addresses.get(replica):
-            return False
-        self.addresses[replica] = address
-        self._stubs.pop(replica, None)
-        channel = self._channels.pop(replica, None)
-        if channel is not None:
-            await channel.close()
-        return True
+        return await self.pool.refresh(replica, timeout_s)
 
     async def close(self) -> None:
-        channels, self._channels, self._stubs = list(self._channels.values()), {}, {}
-        for channel in channels:
-            await channel.close()
+        await self.pool.close()
 
 
 # ---- hot-row cache --------------------------------------------------------------------------------------------------

@@ -77,6 +77,59 @@ class InProcessTransport(ExpertTransport):
         return bool(getattr(self.shards.get(shard), "serving", False))
 
 
+class ChannelPool:
+    """One `grpc.aio` channel per destination (opened on first use, in the running event loop) and the stubs made
+    on it; `refresh` re-points a destination that moved (a restarted process on a new port)."""
+
+    def __init__(self, addresses: Mapping[Hashable, str], security: GrpcSecurity, options: list[tuple[str, int]],
+                 resolver: Resolver | None = None, what: str = "destination"):
+        self.addresses, self.security, self.options = dict(addresses), security, options
+        self.resolver, self.what = resolver, what
+        self._channels: dict[Hashable, grpc.aio.Channel] = {}
+        self._stubs: dict[tuple[Hashable, type], object] = {}
+
+    def stub(self, dest: Hashable, stub_cls: type):
+        stub = self._stubs.get((dest, stub_cls))
+        if stub is None:
+            channel = self._channels.get(dest)
+            if channel is None:
+                address = self.addresses.get(dest)
+                if address is None:
+                    raise ValueError(f"{self.what}: unknown destination {dest!r}; "
+                                     f"known: {sorted(map(str, self.addresses))}")
+                channel = self._channels[dest] = self.security.channel(address, self.options)
+            stub = self._stubs[(dest, stub_cls)] = stub_cls(channel)
+        return stub
+
+    async def refresh(self, dest: Hashable, timeout_s: float) -> bool:
+        """Ask the resolver where `dest` listens now; reconnect there if it moved -> True if it moved."""
+        if self.resolver is None:
+            return False
+        address = await resolve_address(self.resolver, dest, timeout_s)
+        if address is None or address == self.addresses.get(dest):
+            return False
+        self.addresses[dest] = address
+        self._stubs = {key: stub for key, stub in self._stubs.items() if key[0] != dest}
+        channel = self._channels.pop(dest, None)
+        if channel is not None:
+            await channel.close()
+        return True
+
+    async def close(self) -> None:
+        channels, self._channels, self._stubs = list(self._channels.values()), {}, {}
+        for channel in channels:
+            await channel.close()
+
+
+def reconnect_options(max_message_bytes: int, backoff_s: float, max_backoff_ms: int) -> list[tuple[str, int]]:
+    """Message size limits, and reconnection on our own schedule: gRPC's default waits 1 s (growing to 120 s) before
+    reconnecting to a lost peer and fails calls fast meanwhile, which would make retries and failback no-ops."""
+    backoff_ms = max(int(backoff_s * 1000), 10)
+    return message_options(max_message_bytes) + [
+        ("grpc.initial_reconnect_backoff_ms", backoff_ms), ("grpc.min_reconnect_backoff_ms", backoff_ms),
+        ("grpc.max_reconnect_backoff_ms", max(max_backoff_ms, backoff_ms, 1000))]
+
+
 class GrpcTransport(ExpertTransport):
     """Calls expert shard servers: one `grpc.aio` channel per destination (opened on first use, in the running event
     loop), a deadline per call, bounded retries with exponential backoff on UNAVAILABLE (dispatch is idempotent).
@@ -89,35 +142,17 @@ class GrpcTransport(ExpertTransport):
         if timeout_s <= 0 or retries < 0 or backoff_s < 0 or max_message_bytes <= 0:
             raise ValueError(f"GrpcTransport: bad settings timeout_s={timeout_s} retries={retries} "
                              f"backoff_s={backoff_s} max_message_bytes={max_message_bytes}")
-        self.addresses = dict(addresses)
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
-        self.max_message_bytes = max_message_bytes
         self.security = security or GrpcSecurity()
-        self.resolver = resolver
-        self._channels: dict[ShardId, grpc.aio.Channel] = {}
-        self._stubs: dict[ShardId, expert_pb2_grpc.ExpertShardStub] = {}
+        options = reconnect_options(max_message_bytes, backoff_s, int(backoff_s * 1000) * 2 ** retries)
+        self.pool = ChannelPool(addresses, self.security, options, resolver, what="shard")
 
-    def _stub(self, shard: ShardId) -> expert_pb2_grpc.ExpertShardStub:
-        stub = self._stubs.get(shard)
-        if stub is None:
-            address = self.addresses.get(shard)
-            if address is None:
-                raise ValueError(f"shard: unknown destination {shard!r}; known: {sorted(map(str, self.addresses))}")
-            channel = self.security.channel(address, self._channel_options())
-            stub = expert_pb2_grpc.ExpertShardStub(channel)
-            self._channels[shard], self._stubs[shard] = channel, stub
-        return stub
-
-    def _channel_options(self) -> list[tuple[str, int]]:
-        # gRPC waits 1 s (growing to 120 s) before reconnecting to a lost peer and fails calls fast meanwhile, which
-        # would turn our retries into no-ops; reconnect on the retry schedule instead.
-        backoff_ms = max(int(self.backoff_s * 1000), 10)
-        return message_options(self.max_message_bytes) + [
-            ("grpc.initial_reconnect_backoff_ms", backoff_ms), ("grpc.min_reconnect_backoff_ms", backoff_ms),
-            ("grpc.max_reconnect_backoff_ms", max(backoff_ms * 2 ** self.retries, 1000))]
+    @property
+    def addresses(self) -> dict[ShardId, str]:
+        return self.pool.addresses
 
     async def dispatch(self, shard: ShardId, batch: TokenBatch) -> torch.Tensor:
-        stub = self._stub(shard)
+        stub = self.pool.stub(shard, expert_pb2_grpc.ExpertShardStub)
         reply = await self._call(stub.Dispatch, codec.encode_dispatch(batch))  # encoded once, reused by retries
         return codec.decode_dispatch_reply(reply)
 
@@ -140,31 +175,18 @@ class GrpcTransport(ExpertTransport):
             attempt += 1
 
     async def health(self, shard: ShardId, timeout_s: float) -> bool:
-        self._stub(shard)
         try:
-            reply = await health_pb2_grpc.HealthStub(self._channels[shard]).Check(
+            reply = await self.pool.stub(shard, health_pb2_grpc.HealthStub).Check(
                 health_pb2.HealthCheckRequest(), timeout=timeout_s, metadata=self.security.metadata)
         except (grpc.aio.AioRpcError, grpc.aio.UsageError):
             return False
         return reply.status == health_pb2.HealthCheckResponse.SERVING
 
     async def refresh(self, shard: ShardId, timeout_s: float) -> bool:
-        if self.resolver is None:
-            return False
-        address = await resolve_address(self.resolver, shard, timeout_s)
-        if address is None or address == self.addresses.get(shard):
-            return False
-        self.addresses[shard] = address
-        self._stubs.pop(shard, None)
-        channel = self._channels.pop(shard, None)
-        if channel is not None:
-            await channel.close()
-        return True
+        return await self.pool.refresh(shard, timeout_s)
 
     async def close(self) -> None:
-        channels, self._channels, self._stubs = list(self._channels.values()), {}, {}
-        for channel in channels:
-            await channel.close()
+        await self.pool.close()
 
 
 async def resolve_address(resolver: Resolver, target: Hashable, timeout_s: float) -> str | None:
