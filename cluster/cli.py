@@ -118,14 +118,17 @@ def _serve(args: argparse.Namespace) -> int:
 
 # ---- bench ---------------------------------------------------------------------------------------------------------
 def _bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("what", choices=["serve", "plan"], help="serve: served cluster vs in-process engine; plan: our "
-                                                          "planner vs the baselines on every topology preset")
+    p.add_argument("what", choices=["serve", "plan", "soak"],
+                   help="serve: served cluster vs in-process engine; plan: our planner vs the baselines on every "
+                        "topology preset; soak: steady load for --minutes, RSS of every role at start and end")
     p.add_argument("--quick", action="store_true", help="plan: H200 and NVL72 at Zipf 0.6 only")
     p.add_argument("config", nargs="?", help="deployment config YAML (default: the built-in tiny model)")
     p.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts (default 1,8,32)")
     p.add_argument("--per-client", type=int, default=2, help="requests each client sends (default 2)")
     p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens (default 32)")
     p.add_argument("--max-tokens", type=int, default=16, help="new tokens per request (default 16)")
+    p.add_argument("--minutes", type=float, default=10.0, help="soak: minutes of steady load after warm-up "
+                                                                "(default 10)")
     p.add_argument("--write", default=None, help="markdown file whose section to replace (e.g. docs/benchmarks.md)")
 
 
@@ -141,6 +144,15 @@ def _bench(args: argparse.Namespace) -> int:
     from moemesh.cluster.config import DeploymentConfig
 
     config = DeploymentConfig.from_yaml(args.config) if args.config else DeploymentConfig()
+    if args.what == "soak":
+        from moemesh.cluster import bench_soak
+
+        if args.minutes <= 0:
+            raise ValueError(f"--minutes: a positive number, got {args.minutes}")
+        command = ("moemesh " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("moemesh")
+                   else f"moemesh bench soak --minutes {args.minutes:g}")
+        print(bench_soak.run(config, args.minutes, args.write, command))
+        return 0
     levels = [int(c) for c in args.concurrency.split(",")]
     if not levels or min(levels) < 1:
         raise ValueError(f"--concurrency: positive integers, got {args.concurrency!r}")
