@@ -94,20 +94,20 @@ class ExpertsConfig(_Strict):
             raise ValueError("set exactly one of `shards` (a count) and `assignment` (a list)")
         return self
 
-    def resolve(self, n_layers_moe: list[int], n_experts: int) -> list[dict[int, list[int]]]:
+    def resolve(self, moe_layers: list[int], n_experts: int) -> list[dict[int, list[int]]]:
         """Per shard {layer: experts}; checks every expert of every MoE layer is held somewhere."""
         if self.assignment is None:
-            return [{layer: list(range(s, n_experts, self.shards)) for layer in n_layers_moe}
+            return [{layer: list(range(s, n_experts, self.shards)) for layer in moe_layers}
                     for s in range(self.shards)]
         sets = [spec.experts for spec in self.assignment]
         for i, held in enumerate(sets):
             for layer, ids in held.items():
                 bad = [e for e in ids if not 0 <= e < n_experts]
-                if layer not in n_layers_moe or bad:
+                if layer not in moe_layers or bad:
                     raise ConfigFileError(f"experts.assignment[{i}].experts: layer {layer} / experts {bad or ids} "
-                                          f"out of range (layers {n_layers_moe[0]}..{n_layers_moe[-1]}, "
+                                          f"out of range (layers {moe_layers[0]}..{moe_layers[-1]}, "
                                           f"experts 0..{n_experts - 1})")
-        for layer in n_layers_moe:
+        for layer in moe_layers:
             missing = sorted(set(range(n_experts)) - {e for held in sets for e in held.get(layer, [])})
             if missing:
                 raise ConfigFileError(f"experts.assignment: layer {layer} experts {missing} are held by no shard")

@@ -1,6 +1,7 @@
 """Fixtures shared across the test tree (keep this small)."""
 
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session")
@@ -9,3 +10,13 @@ def tiny_model_dir(tmp_path_factory):
     from moemesh.kernels.tiny import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """Tests run tiny models: intra-op threads gain nothing, and on a shared 2-core machine their spin-waiting made
+    steps 10-40x slower. (Ray/Serve role processes get OMP_NUM_THREADS=1 from the builder.)"""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -23,16 +23,6 @@ LENGTHS = (1, 9, 40, 77, 130, 200)
 NEW = 24
 
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny model's matmuls gain nothing from intra-op threads, and on a shared CPU, threads that spin-wait make
-    its steps 10-40x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 @pytest.fixture(scope="module")
 def model(tiny_model_dir):
     return moemesh.load_model(tiny_model_dir)

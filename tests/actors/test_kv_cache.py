@@ -15,16 +15,6 @@ from moemesh.actors.kv_cache import OutOfBlocks, PagedKVCache, PagedRows
 from moemesh.kernels.kv_cache import GrowableRows
 
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny model's matmuls gain nothing from intra-op threads, and on a shared CPU, threads that spin-wait make
-    its steps 10-40x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 @pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def model(tiny_model_dir, request):
     return moemesh.load_model(tiny_model_dir, dtype=request.param)

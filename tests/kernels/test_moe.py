@@ -3,8 +3,6 @@ expert shards rely on."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -138,4 +136,3 @@ def test_sampling_modes():
     assert (freq - want).abs().max() < 0.03
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0)
-    assert math.isclose(float(want.sum()), 1.0)
