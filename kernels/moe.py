@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moemesh.kernels import dispatch
 from moemesh.kernels.config import ModelConfig
 
 _SCORES = {
@@ -30,7 +31,7 @@ class Router(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.top_k, self.scale, self.normalize = cfg.num_experts_per_tok, cfg.routed_scaling_factor, cfg.norm_topk_prob
-        self.score = _SCORES[cfg.scoring_func]
+        self.scoring, self.score = cfg.scoring_func, _SCORES[cfg.scoring_func]
         self.is_hash = cfg.mlp_layer_types[layer] == "hash_moe"
         self.weight = nn.Parameter(torch.zeros(cfg.n_routed_experts, cfg.hidden_size))
         if self.is_hash:
@@ -40,7 +41,12 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, D], input_ids [N] -> weights [N, k] (float32), indices [N, k] (int64 expert ids)."""
-        scores = self.score(F.linear(x, self.weight).float())
+        logits = F.linear(x, self.weight)
+        if not self.is_hash:  # device fused gating (kernels/dispatch.py); None on the CPU
+            fast = dispatch.gating_topk(logits, self.bias, self.top_k, self.scoring, self.normalize, self.scale)
+            if fast is not None:
+                return fast
+        scores = self.score(logits.float())
         if self.is_hash:
             indices = self.tid2eid[input_ids].long()
         else:
@@ -72,11 +78,16 @@ class ExpertBank(nn.Module):
         slot = torch.full((cfg.n_routed_experts + 1,), -1, dtype=torch.long)  # last entry: "no expert" (-1 ids)
         slot[torch.tensor(ids, dtype=torch.long)] = torch.arange(e)
         self.register_buffer("slot_of", slot, persistent=False)
+        self.packed = None  # kernels.packed.PackedExperts on the bank's device: FP8/FP4 copies the Triton path reads
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, D], indices [N, k] global ids (-1 = none), weights [N, k] -> Σ over held experts w·expert(x)  [N, D].
 
-        Tokens are grouped by expert (one GEMM pair per expert that has tokens)."""
+        Tokens are grouped by expert (one GEMM pair per expert that has tokens). On a device, `dispatch` runs the
+        grouped kernels instead (reading `packed` quantized weights when set)."""
+        fast = dispatch.routed_experts(self, x, indices, weights)  # None on the CPU
+        if fast is not None:
+            return fast
         N, k = indices.shape
         slots = self.slot_of[indices.reshape(-1)]  # [N*k], -1 where the expert is not held here
         held = (slots >= 0).nonzero().squeeze(-1)
