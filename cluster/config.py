@@ -24,11 +24,13 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from moemesh.actors.expert_controller import AutoscalingConfig
 from moemesh.actors.openai_protocol import IngressLimits
 from moemesh.kernels.config import describe_validation_error
 from moemesh.proto.auth import GrpcSecurity, TlsFiles
 
 MIN_API_KEY_LENGTH = 16
+SERVE_IMPORT_PATH = "moemesh.cluster.serve_entry:app_builder"  # a Serve config file's moemesh application
 
 
 class ConfigFileError(ValueError):
@@ -87,6 +89,9 @@ class ExpertsConfig(_Strict):
     batch_wait_ms: float = Field(2.0, ge=0, description="How long a shard waits to merge requests of one layer.")
     max_batch_tokens: int = Field(8192, ge=1, description="Tokens per merged expert batch.")
     placement: Placement = Field(default_factory=Placement, description="Resources per shard.")
+    autoscaling: AutoscalingConfig | None = Field(None, description="The expert controller: replicas of hot "
+                                                  "experts added and removed with load (docs/autoscaling.md); "
+                                                  "None: the shards above only.")
 
     @model_validator(mode="after")
     def _one_way(self) -> "ExpertsConfig":
@@ -239,5 +244,34 @@ class DeploymentConfig(_Strict):
             raise ConfigFileError(f"{path}: not valid YAML ({e})") from None
         if data is not None and not isinstance(data, dict):
             raise ConfigFileError(f"{path}: expected a mapping at the top, got {type(data).__name__}")
+        if data and "applications" in data:
+            return cls._from_serve_file(data, path)
         return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def _from_serve_file(cls, data: dict, path: Path) -> "DeploymentConfig":
+        """A Ray Serve config file (what `serve deploy` takes): the args of its moemesh application (inline fields, or
+        `{config: PATH}`), with `http_options.host/port` as the ingress address."""
+        apps = [a for a in data.get("applications") or []
+                if isinstance(a, dict) and a.get("import_path") == SERVE_IMPORT_PATH]
+        if len(apps) != 1:
+            raise ConfigFileError(f"{path}: applications: expected exactly one with import_path "
+                                  f"{SERVE_IMPORT_PATH!r}, found {len(apps)}")
+        args = apps[0].get("args") or {}
+        if not isinstance(args, dict):
+            raise ConfigFileError(f"{path}: applications[].args: expected a mapping, got {type(args).__name__}")
+        if set(args) == {"config"}:
+            config = cls.from_yaml(Path(path).parent / args["config"] if not Path(args["config"]).is_absolute()
+                                   else args["config"])
+        else:
+            config = cls.from_dict(args, source=f"{path}: applications[].args")
+        http = data.get("http_options") or {}
+        ingress = {k: http[k] for k in ("host", "port") if k in http}
+        if ingress:
+            try:
+                config = config.model_copy(update={"ingress": IngressConfig.model_validate(
+                    {**config.ingress.model_dump(), **ingress})})
+            except ValidationError as e:
+                raise ConfigFileError(f"{path}: http_options: {describe_validation_error(e)}") from None
+        return config
 
