@@ -8,6 +8,7 @@ ingress's `Worker` protocol (generate / load / abort) with plain-data deltas so 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -48,6 +49,7 @@ class AttentionWorker:
         cfg = self.model.config
         self.io = IoLoop("attention-worker-io")
         assignment = [{int(k): list(v) for k, v in held.items()} for held in expert_assignment]
+        self._base_assignment = assignment  # shards 0..n-1: always in the map (a restarted worker starts with them)
         recovery = recovery or RecoveryConfig()
         transport = GrpcTransport(dict(enumerate(expert_addresses)), security=security, resolver=expert_resolver)
         self.dispatcher = Dispatcher(transport, ExpertMap.from_assignment(assignment, cfg.n_routed_experts),
@@ -98,6 +100,59 @@ class AttentionWorker:
         out["faults"] = {"experts": list(self.dispatcher.health.events),
                          "engram": list(self.engram.events) if self.engram is not None else []}
         return out
+
+    # ---- the expert map, changed live by the expert controller (actors/expert_controller.py) -------------------------
+    async def expert_map_state(self) -> dict:
+        """{version, in_use: map versions that dispatches under way were routed with, shards: extra shards known}."""
+        emap = self.dispatcher.expert_map
+        in_use = await self._on_io(self.dispatcher.versions_in_use)
+        extra = [s for s in emap.shards if not isinstance(s, int)]
+        return {"version": emap.version, "in_use": in_use, "shards": extra}
+
+    async def _on_io(self, fn):
+        """`fn()` run on the I/O loop, where dispatches update the counters it reads."""
+        async def call():
+            return fn()
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(call(), self.io.loop))
+
+    async def install_expert_map(self, version: int, replicas: dict[str, dict], addresses: dict[str, str]) -> int:
+        """Switch to map `version`: the base shards plus `replicas` ({replica name: {layer: expert ids}}, reached at
+        `addresses[name]`). Steps already dispatching finish with the map they started with. A version not newer
+        than the one in force is ignored (the controller re-sends after a worker restart) -> the version in force."""
+        current = self.dispatcher.expert_map
+        if version <= current.version:
+            return current.version
+        names = sorted(replicas)
+        missing = [n for n in names if n not in addresses]
+        if missing or any(isinstance(n, int) or not n for n in names):
+            raise ValueError(f"replicas: names must be non-empty strings with an address, got {names} "
+                             f"(no address for {missing})")
+        held = [{int(k): [int(e) for e in v] for k, v in replicas[n].items()} for n in names]
+        emap = ExpertMap.from_assignment(self._base_assignment + held, self.model.config.n_routed_experts,
+                                         list(range(len(self._base_assignment))) + names, version=version)
+        transport = self.dispatcher.transport
+        for name in names:
+            transport.add(name, addresses[name])
+        self.dispatcher.swap_map(emap)
+        return version
+
+    async def release_shards(self, names: list[str]) -> list[str]:
+        """Close the channels of replicas no longer in the map in force -> the names released (those still in the
+        map are kept)."""
+        in_map = set(self.dispatcher.expert_map.shards)
+        gone = [n for n in names if n not in in_map and not isinstance(n, int)]
+
+        async def close():
+            for name in gone:
+                await self.dispatcher.transport.remove(name)
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(close(), self.io.loop))
+        return gone
+
+    async def expert_loads(self) -> dict[str, int]:
+        """Tokens routed to each expert since start, `"layer/expert" -> tokens` (cumulative; the controller takes
+        differences)."""
+        counts = await self._on_io(lambda: dict(self.dispatcher.stats.tokens_per_expert))
+        return {f"{layer}/{e}": n for (layer, e), n in counts.items()}
 
     def start_metrics(self, host: str) -> str:
         """Serve this worker's Prometheus metrics on a free port; returns `host:port`."""

@@ -115,16 +115,32 @@ class Dispatcher:
     def __init__(self, transport: ExpertTransport, expert_map: ExpertMap, recovery: RecoveryConfig | None = None):
         self.transport, self.expert_map, self.stats = transport, expert_map, DispatchStats()
         self.health = ShardHealth(transport, recovery)
+        self._in_flight: Counter = Counter()  # map version -> layer dispatches under way with it
 
     def swap_map(self, expert_map: ExpertMap) -> None:
         """Install a new expert map; steps already dispatching keep the version they started with."""
         self.expert_map = expert_map
 
+    def versions_in_use(self) -> list[int]:
+        """Map versions that dispatches still under way were routed with (a shard dropped from the map may stop
+        once no version that holds it is in use here)."""
+        return sorted(v for v, n in self._in_flight.items() if n > 0)
+
     async def __call__(self, layer: int, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
                        step_id: int = 0) -> torch.Tensor:
         """x [N, D], indices [N, k], weights [N, k] -> Σ over each token's experts of w·expert(x)  [N, D]."""
-        emap, out = self.expert_map, torch.zeros_like(x)
-        loop = asyncio.get_running_loop()
+        emap = self.expert_map
+        self._in_flight[emap.version] += 1
+        try:
+            return await self._dispatch(emap, layer, x, indices, weights, step_id)
+        finally:
+            self._in_flight[emap.version] -= 1
+            if not self._in_flight[emap.version]:
+                del self._in_flight[emap.version]
+
+    async def _dispatch(self, emap: ExpertMap, layer: int, x: torch.Tensor, indices: torch.Tensor,
+                        weights: torch.Tensor, step_id: int) -> torch.Tensor:
+        out, loop = torch.zeros_like(x), asyncio.get_running_loop()
         deadline, pause = loop.time() + self.health.config.deadline_s, self.health.config.backoff_s
         positions, ids, failed_shards, w = torch.arange(x.shape[0]), indices, set(), weights.float()
         while True:

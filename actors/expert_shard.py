@@ -158,9 +158,9 @@ class ExpertShard:
     def _validate(self, batch: TokenBatch) -> None:
         if batch.layer not in self.banks:
             raise errors.NotHeld(f"layer: {batch.layer} is not held by this shard (holds {sorted(self.banks)})")
-        if batch.expert_map_version != self.expert_map_version:
+        if batch.expert_map_version < self.expert_map_version:  # routed by a map made before this shard joined
             raise errors.StaleExpertMap(f"expert_map_version: request routed with {batch.expert_map_version}, "
-                                        f"this shard serves {self.expert_map_version}")
+                                        f"this shard serves maps from {self.expert_map_version} on")
         D, E = self.cfg.hidden_size, self.cfg.n_routed_experts
         hidden, ids, weights = batch.hidden, batch.expert_ids, batch.weights
         _check(hidden, "hidden", FLOAT_DTYPES, hidden.dim() == 2 and hidden.shape[1] == D, f"[n, {D}]")

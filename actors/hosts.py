@@ -64,16 +64,18 @@ class _GrpcHost:
 
 
 class ExpertShardHost(_GrpcHost):
-    """One expert shard process: `{layer: [expert ids]}` loaded selectively from the checkpoint."""
+    """One expert shard process: `{layer: [expert ids]}` loaded selectively from the checkpoint. `expert_map_version`:
+    the first map version it is part of (a replica started by the expert controller)."""
 
     def __init__(self, model_dir: str, assignment: Mapping[int, Sequence[int]], host: str = "127.0.0.1",
                  port: int = 0, dtype: str = "float32", device: str = "cpu", batching: dict | None = None,
-                 security: GrpcSecurity | None = None):
+                 security: GrpcSecurity | None = None, expert_map_version: int = 0):
         super().__init__("expert-shard-io")
         ckpt = Checkpoint(model_dir)
         self.shard = ExpertShard.from_loader(ckpt.config, {int(k): list(v) for k, v in assignment.items()},
                                              ckpt.read_experts, dtype=getattr(torch, dtype), device=device,
-                                             batching=BatchingConfig(**(batching or {})))
+                                             batching=BatchingConfig(**(batching or {})),
+                                             expert_map_version=expert_map_version)
         self._serve(serve_expert_shard, self.shard, host, port, security)
 
     def start_metrics(self, host: str) -> str:

@@ -22,10 +22,12 @@ from ray.serve import exceptions as serve_errors
 
 from moemesh.actors.attention_worker import AttentionWorker
 from moemesh.actors.engram_service import engram_layout
+from moemesh.actors.expert_controller import AutoscalingConfig, ExpertController
 from moemesh.actors.generation import Delta, WorkerLost
 from moemesh.actors.hosts import EngramShardHost, ExpertShardHost, bind_address
 from moemesh.actors.ingress import Ingress
 from moemesh.actors.openai_protocol import IngressLimits
+from moemesh.actors.role_metrics import role_registry, serve_registry
 from moemesh.actors.text_codec import TextCodec
 from moemesh.cluster.config import DeploymentConfig, Placement
 from moemesh.kernels.config import ModelConfig
@@ -102,6 +104,101 @@ class AttentionWorkerReplica(_RoleEdge, AttentionWorker):
             return await asyncio.get_running_loop().run_in_executor(
                 self._resolve_pool, lambda: handle.grpc_address.remote().result(timeout_s=RESOLVE_TIMEOUT_S))
         return resolve
+
+
+class RayReplicaBackend:
+    """The controller's replica actors as plain Ray actors (an `ExpertShardHost` each), owned by the controller's
+    process. They ask for `placement`'s resources: where no node has them free, Ray's autoscaler launches one."""
+
+    def __init__(self, model_dir: str, placement: dict, host: str, batching: dict, security: GrpcSecurity):
+        self.model_dir, self.placement, self.host = model_dir, placement, host
+        self.batching, self.security = batching, security
+        self.handles: dict[str, object] = {}
+        self._pending: set[str] = set()
+
+    async def start(self, name: str, assignment: dict, version: int) -> str:
+        import ray
+
+        p = self.placement
+        cls = ray.remote(ExpertShardHost).options(
+            num_cpus=p["num_cpus"], num_gpus=p["num_gpus"], resources=dict(p["resources"]), max_restarts=0,
+            runtime_env={"env_vars": dict(ROLE_ENV)}, scheduling_strategy="SPREAD")
+        handle = cls.remote(self.model_dir, assignment, self.host, device=p["device"], batching=self.batching,
+                            security=self.security, expert_map_version=version)
+        self.handles[name] = handle
+        self._pending.add(name)
+        try:
+            return await handle.grpc_address.remote()
+        finally:
+            self._pending.discard(name)
+
+    async def stop(self, name: str) -> None:
+        import ray
+
+        handle = self.handles.pop(name, None)
+        if handle is not None:
+            ray.kill(handle, no_restart=True)
+
+    async def alive(self, name: str) -> bool:
+        handle = self.handles.get(name)
+        if handle is None:
+            return False
+        try:
+            await asyncio.wait_for(handle.grpc_address.remote(), 10)
+        except (asyncio.TimeoutError, *WORKER_LOST):
+            return False
+        return True
+
+    def pending(self) -> int:
+        return len(self._pending)
+
+
+class HandlePort:
+    """A `WorkerPort` over one attention worker's Serve handle."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    async def expert_loads(self) -> dict:
+        return await self.handle.expert_loads.remote()
+
+    async def expert_map_state(self) -> dict:
+        return await self.handle.expert_map_state.remote()
+
+    async def install_expert_map(self, version: int, replicas: dict, addresses: dict) -> int:
+        return await self.handle.install_expert_map.remote(version, replicas, addresses)
+
+    async def release_shards(self, names: list[str]) -> list[str]:
+        return await self.handle.release_shards.remote(names)
+
+
+class ExpertControllerReplica(_RoleEdge):
+    """The expert controller (actors/expert_controller.py) as a one-replica Serve deployment: its loop runs on the
+    replica's event loop; `state()` / `tick()` are callable through its handle."""
+
+    async def __init__(self, model_dir: str, worker_handles: list, base_assignment: list, autoscaling: dict,
+                       batching: dict, host: str, security: GrpcSecurity):
+        cfg = AutoscalingConfig.model_validate(autoscaling)
+        n_experts = ModelConfig.from_file(model_dir).n_routed_experts
+        backend = RayReplicaBackend(model_dir, cfg.placement.model_dump(), host, batching, security)
+        workers = {f"attention-worker-{k}": HandlePort(h) for k, h in enumerate(worker_handles)}
+        registry = role_registry()
+        self.controller = ExpertController(cfg, base_assignment, n_experts, workers, backend, registry)
+        self.metrics_address = serve_registry(registry, bind_address(host))
+        self._task = asyncio.get_running_loop().create_task(self.controller.run())
+
+    def state(self) -> dict:
+        return self.controller.state()
+
+    async def tick(self) -> list[dict]:
+        """One controller step now (tests and operators); -> the decisions it applied."""
+        from dataclasses import asdict
+
+        return [asdict(d) for d in await self.controller.tick()]
+
+    def check_health(self) -> None:
+        if self._task.done():
+            raise RuntimeError(f"expert controller loop ended: {self._task.exception()!r}")
 
 
 class HandleWorker:
@@ -197,7 +294,12 @@ def build_app(config: DeploymentConfig):
                                 max_ongoing_requests=4 * att.max_num_seqs)(AttentionWorkerReplica)
                .bind(model_dir, experts, assignment, engram, ranges, settings, config.grpc_host, security)
                for k in range(att.replicas)]
-    return _ingress(config, model_dir, workers, experts + [r for replicas in engram for r in replicas] + workers)
+    roles = experts + [r for replicas in engram for r in replicas] + workers
+    if config.experts.autoscaling is not None:
+        roles.append(serve.deployment(**_options("expert-controller", Placement(num_cpus=0.25)))(
+            ExpertControllerReplica).bind(model_dir, workers, assignment, config.experts.autoscaling.model_dump(),
+                                          batching, config.grpc_host, security))
+    return _ingress(config, model_dir, workers, roles)
 
 
 def _ingress(config: DeploymentConfig, model_dir: str, workers: list, roles: list):

@@ -115,6 +115,20 @@ class ChannelPool:
             await channel.close()
         return True
 
+    def add(self, dest: Hashable, address: str) -> None:
+        """A new destination (e.g. an expert replica started by the controller); its channel opens on first use."""
+        if self.addresses.get(dest, address) != address:
+            raise ValueError(f"{self.what}: {dest!r} is already known at {self.addresses[dest]}, not {address}")
+        self.addresses[dest] = address
+
+    async def remove(self, dest: Hashable) -> None:
+        """Forget a destination and close its channel (calls still in flight on it fail as cancelled)."""
+        self.addresses.pop(dest, None)
+        self._stubs = {key: stub for key, stub in self._stubs.items() if key[0] != dest}
+        channel = self._channels.pop(dest, None)
+        if channel is not None:
+            await channel.close()
+
     async def close(self) -> None:
         channels, self._channels, self._stubs = list(self._channels.values()), {}, {}
         for channel in channels:
@@ -184,6 +198,12 @@ class GrpcTransport(ExpertTransport):
 
     async def refresh(self, shard: ShardId, timeout_s: float) -> bool:
         return await self.pool.refresh(shard, timeout_s)
+
+    def add(self, shard: ShardId, address: str) -> None:
+        self.pool.add(shard, address)
+
+    async def remove(self, shard: ShardId) -> None:
+        await self.pool.remove(shard)
 
     async def close(self) -> None:
         await self.pool.close()

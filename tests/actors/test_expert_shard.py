@@ -191,8 +191,6 @@ def test_overload_refuses_new_work_beyond_the_pending_limit():
 GOOD = _batch(4)
 BAD = {
     "layer": (TokenBatch(2, GOOD.hidden, GOOD.expert_ids, GOOD.weights), errors.NotHeld),
-    "expert_map_version": (TokenBatch(1, GOOD.hidden, GOOD.expert_ids, GOOD.weights, expert_map_version=1),
-                           errors.StaleExpertMap),
     "hidden size": (TokenBatch(1, torch.zeros(4, D - 1), GOOD.expert_ids, GOOD.weights), ValueError),
     "hidden dtype": (TokenBatch(1, GOOD.hidden.double(), GOOD.expert_ids, GOOD.weights), ValueError),
     "hidden rank": (TokenBatch(1, torch.zeros(4 * D), GOOD.expert_ids, GOOD.weights), ValueError),
@@ -213,6 +211,30 @@ def test_invalid_requests_raise_naming_the_field(case):
         asyncio.run(shard.dispatch(batch))
     assert shard.counters.requests == 0
     torch.testing.assert_close(asyncio.run(shard.dispatch(GOOD)), _direct(shard, GOOD))
+
+
+def test_a_shard_refuses_maps_older_than_the_one_it_joined_and_serves_newer_ones():
+    """A replica started for map version 5 is in no map before 5; a worker that still routes by 4 is stale (it cannot
+    have meant this shard), while 5 and later maps (the shard stays in them until dropped) are served."""
+    shard = ExpertShard.from_tensors(CFG, {1: range(E)}, TENSORS, expert_map_version=5)
+    at = {v: TokenBatch(1, GOOD.hidden, GOOD.expert_ids, GOOD.weights, expert_map_version=v) for v in (4, 5, 9)}
+    with pytest.raises(errors.StaleExpertMap, match="^expert_map_version: request routed with 4"):
+        asyncio.run(shard.dispatch(at[4]))
+    for v in (5, 9):
+        torch.testing.assert_close(asyncio.run(shard.dispatch(at[v])), _direct(shard, GOOD))
+
+    async def over_grpc():
+        server, port = await serve_expert_shard(shard)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                with pytest.raises(grpc.aio.AioRpcError) as stale:
+                    await expert_pb2_grpc.ExpertShardStub(channel).Dispatch(codec.encode_dispatch(at[4]), timeout=5)
+        finally:
+            await server.stop(None)
+        return stale.value
+
+    stale = asyncio.run(over_grpc())
+    assert stale.code() == grpc.StatusCode.FAILED_PRECONDITION and "expert_map_version" in stale.details()
 
 
 # ---- the gRPC server -------------------------------------------------------------------------------------------------
@@ -237,8 +259,6 @@ MALFORMED = {
                       "layer: 2"),
     "hidden size": (_raw(TokenBatch(1, torch.zeros(4, D + 4), GOOD.expert_ids, GOOD.weights)),
                     grpc.StatusCode.INVALID_ARGUMENT, "hidden: shape"),
-    "stale map": (_raw(TokenBatch(1, GOOD.hidden, GOOD.expert_ids, GOOD.weights, expert_map_version=7)),
-                  grpc.StatusCode.FAILED_PRECONDITION, "expert_map_version"),
 }
 
 

@@ -1,0 +1,487 @@
+"""The expert controller: measures expert load, decides how many replicas each expert has, and changes the set of
+expert processes live without failing a request.
+
+Two kinds of expert processes (docs/autoscaling.md):
+- **base shards** (the deployment's `expert-shard-{i}`): every expert at least once; never stopped by the controller,
+  so a map with base shards only is always correct (a restarted attention worker starts with it);
+- **replica actors** (this controller's `replica-{n}`): extra copies of hot experts, each holding up to
+  `experts_per_actor` (layer, expert) replicas, loaded from the checkpoint when started.
+
+Every tick the controller (1) reads each attention worker's cumulative tokens per expert and turns them into rates
+over `window_s`; (2) asks the policy for the wanted number of holders per expert: `autoscale` mode sizes each expert
+by `target_tokens_per_replica_s`, `rebalance` mode spreads a fixed budget of replica slots by water-filling (the
+planner's step 1: each slot to the expert with the most load per replica); (3) applies the difference make-before-
+break: start replica actors and wait until their weights are loaded and they listen, install map version v+1 in every
+attention worker (atomically per worker: a step keeps the map it started with), wait until no worker has a dispatch
+under way with an older version, then close the channels to replicas no longer in the map and stop them. A replica
+actor that dies is dropped from the map (its tokens went to the other holders meanwhile: docs/reliability.md).
+
+`ExpertController` is plain asyncio over a `ReplicaBackend` (start/stop replica processes) and `WorkerPort`s (the
+attention workers' map RPCs); cluster/app.py gives it Ray actors and Serve handles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import Counter, deque
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Literal, Protocol
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter as PromCounter, Gauge
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from moemesh.cluster.plan_place import water_fill
+
+log = logging.getLogger("moemesh.controller")
+Key = tuple[int, int]  # (layer, expert)
+
+
+class ReplicaPlacement(BaseModel):
+    """Ray resources each replica actor asks for. A resource that no running node has free (e.g. `NPU`, or a node
+    type's marker) makes Ray's autoscaler launch a node of a type that has it."""
+
+    model_config = ConfigDict(extra="forbid")
+    num_cpus: float = Field(0.5, ge=0, description="CPUs each replica actor reserves.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs each replica actor reserves.")
+    resources: dict[str, float] = Field(default_factory=dict, description="Other Ray resources, e.g. {NPU: 1}.")
+    device: Literal["cpu", "cuda", "npu"] = Field("cpu", description="Torch device the replicas compute on.")
+
+
+class AutoscalingConfig(BaseModel):
+    """The expert controller's policy (docs/autoscaling.md has the reference, with the formulas)."""
+
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["autoscale", "rebalance"] = Field(
+        "autoscale", description="autoscale: holders per expert from its token rate; rebalance: a fixed budget of "
+        "`max_total_replicas` extra replicas spread over the experts with the most load per replica.")
+    interval_s: float = Field(5.0, gt=0, description="Seconds between controller ticks.")
+    window_s: float = Field(30.0, gt=0, description="Token rates are measured over this trailing window.")
+    target_tokens_per_replica_s: float = Field(
+        200.0, gt=0, description="autoscale: tokens per second one holder of an expert should serve.")
+    min_replicas: int = Field(1, ge=1, description="Holders per expert at least (the base shards give 1).")
+    max_replicas: int = Field(4, ge=1, description="Holders per expert at most (base copy included).")
+    max_total_replicas: int = Field(32, ge=0, description="Extra replicas over all experts at most (the budget "
+                                    "in rebalance mode).")
+    experts_per_actor: int = Field(4, ge=1, description="(layer, expert) replicas one replica actor holds: its "
+                                   "slots on a device.")
+    hysteresis: float = Field(0.2, ge=0, lt=1, description="autoscale: grow when the rate exceeds the holders' "
+                              "target by this share; shrink when one holder fewer would still be this share below it.")
+    upscale_cooldown_s: float = Field(10.0, ge=0, description="An expert grows again at most this often.")
+    downscale_cooldown_s: float = Field(60.0, ge=0, description="An expert shrinks at most this often, and never "
+                                        "sooner than this after it grew.")
+    rebalance_min_gain: float = Field(0.1, ge=0, description="rebalance: apply a new spread only when it lowers the "
+                                      "busiest holder's load by this share.")
+    min_rate: float = Field(1.0, ge=0, description="Total tokens/s below which no decision is taken except shrinking "
+                            "(no load: no evidence).")
+    start_timeout_s: float = Field(600.0, gt=0, description="How long a new replica actor may take to start, a node "
+                                   "launch by Ray's autoscaler included; after it the change is abandoned.")
+    drain_timeout_s: float = Field(120.0, gt=0, description="How long to wait for dispatches under an old map "
+                                   "before stopping its replicas anyway.")
+    placement: ReplicaPlacement = Field(default_factory=ReplicaPlacement, description="Resources per replica actor.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "AutoscalingConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) must not exceed max_replicas ({self.max_replicas})")
+        return self
+
+
+# ---- rates -----------------------------------------------------------------------------------------------------------
+class LoadMeter:
+    """Cumulative per-worker counters -> tokens/s per (layer, expert) over a trailing window. A worker whose counters
+    went down restarted: its new counts are all new tokens."""
+
+    def __init__(self, window_s: float):
+        self.window_s = window_s
+        self._last: dict[str, Counter] = {}
+        self._total: Counter = Counter()
+        self._history: deque[tuple[float, Counter]] = deque()
+
+    def add(self, now: float, snapshots: Mapping[str, Mapping[Key, int]]) -> None:
+        for worker, counts in snapshots.items():
+            counts = Counter(counts)
+            last = self._last.get(worker, Counter())
+            restarted = any(counts[k] < n for k, n in last.items())
+            for k, n in counts.items():
+                self._total[k] += n if restarted else n - last[k]
+            self._last[worker] = counts
+        self._history.append((now, Counter(self._total)))
+        while len(self._history) > 2 and now - self._history[1][0] >= self.window_s:
+            self._history.popleft()
+
+    def rates(self) -> dict[Key, float]:
+        if len(self._history) < 2:
+            return {}
+        (t0, c0), (t1, c1) = self._history[0], self._history[-1]
+        dt = max(t1 - t0, 1e-9)
+        return {k: (n - c0[k]) / dt for k, n in c1.items() if n > c0[k]}
+
+
+# ---- the policy (pure) -----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Decision:
+    """One expert's holder count changed (or a rebalance): what, why, when; logged and exported."""
+
+    time: float
+    action: Literal["add", "remove", "rebalance"]
+    layer: int
+    expert: int
+    holders_from: int
+    holders_to: int
+    rate: float
+    reason: str
+
+
+def wanted_holders(cfg: AutoscalingConfig, rates: Mapping[Key, float], holders: Mapping[Key, int],
+                   now: float, last_up: Mapping[Key, float], last_down: Mapping[Key, float]) -> dict[Key, int]:
+    """Holders wanted per (layer, expert) of `holders` (the current counts, base copy included), from `rates`
+    (tokens/s). Only keys whose count should change are returned. Pure."""
+    if cfg.mode == "rebalance":
+        return _rebalance(cfg, rates, holders)
+    total_rate = sum(rates.values())
+    want: dict[Key, int] = {}
+    for key, cur in holders.items():
+        rate = rates.get(key, 0.0)
+        need = min(max(math.ceil(rate / cfg.target_tokens_per_replica_s), cfg.min_replicas), cfg.max_replicas)
+        if cur < cfg.min_replicas:
+            want[key] = cfg.min_replicas
+        elif cur > cfg.max_replicas:
+            want[key] = cfg.max_replicas
+        elif need > cur and total_rate >= cfg.min_rate \
+                and rate > cfg.target_tokens_per_replica_s * cur * (1 + cfg.hysteresis) \
+                and now - last_up.get(key, -math.inf) >= cfg.upscale_cooldown_s:
+            want[key] = need
+        elif need < cur and rate < cfg.target_tokens_per_replica_s * (cur - 1) * (1 - cfg.hysteresis) \
+                and now - max(last_up.get(key, -math.inf), last_down.get(key, -math.inf)) \
+                >= cfg.downscale_cooldown_s:
+            want[key] = max(need, cfg.min_replicas)
+    return _within_budget(cfg, rates, holders, want)
+
+
+def _within_budget(cfg: AutoscalingConfig, rates: Mapping[Key, float], holders: Mapping[Key, int],
+                   want: dict[Key, int]) -> dict[Key, int]:
+    """Cut growth so that extra replicas (holders beyond 1) stay within `max_total_replicas`: the slots go, one at
+    a time, to the growing expert with the most load per holder."""
+    final = {**holders, **want}
+    over = sum(n - 1 for n in final.values()) - cfg.max_total_replicas
+    if over <= 0:
+        return want
+    growing = {k: holders[k] for k, n in want.items() if n > holders[k]}
+    target = {k: want[k] for k in growing}
+    for _ in range(over):
+        if not growing:
+            break
+        # take back a slot from the growing expert whose last slot helps least (lowest load per holder after it)
+        key = min(growing, key=lambda k: rates.get(k, 0.0) / target[k])
+        target[key] -= 1
+        if target[key] == growing[key]:
+            del growing[key]
+    out = {k: n for k, n in want.items() if k not in target}
+    out.update({k: n for k, n in target.items() if n != holders[k]})
+    return out
+
+
+def _rebalance(cfg: AutoscalingConfig, rates: Mapping[Key, float], holders: Mapping[Key, int]) -> dict[Key, int]:
+    """Water-fill `max_total_replicas` extra holders over all experts by load per holder (capped at max_replicas);
+    returned only if it lowers the busiest holder's load by `rebalance_min_gain`."""
+    keys = sorted(holders)
+    if not keys or sum(rates.get(k, 0.0) for k in keys) < cfg.min_rate:
+        return {}
+    w = np.array([[max(rates.get(k, 0.0), 1e-9) for k in keys]])
+    counts = water_fill(w, np.array([len(keys) + cfg.max_total_replicas]))[0]
+    counts = np.clip(counts, cfg.min_replicas, cfg.max_replicas)
+    cur = np.array([holders[k] for k in keys])
+    if (w[0] / counts).max() > (1 - cfg.rebalance_min_gain) * (w[0] / cur).max():
+        return {}
+    return {k: int(c) for k, c, h in zip(keys, counts, cur) if c != h}
+
+
+# ---- which replica actor holds what ----------------------------------------------------------------------------------
+@dataclass
+class ReplicaActor:
+    """One replica process: the replicas whose weights it loaded (`held`), those in the map (`active`)."""
+
+    name: str
+    held: frozenset[Key]
+    version: int  # the first map version it serves
+    address: str = ""
+    active: set[Key] = field(default_factory=set)
+
+    def assignment(self, keys) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = {}
+        for layer, e in sorted(keys):
+            out.setdefault(layer, []).append(e)
+        return out
+
+
+def change_replicas(actors: Sequence[ReplicaActor], want_extra: Mapping[Key, int], per_actor: int,
+                    rates: Mapping[Key, float]) -> tuple[dict[str, set[Key]], list[list[Key]]]:
+    """Extra replicas wanted per key -> (new active set per existing actor, replica sets of actors to start).
+
+    Removals come from the actor with the fewest active replicas first (so whole actors empty and stop); additions
+    re-enable weights an actor already holds, then fill new actors: heaviest first, each to the new actor with the
+    least load that does not hold the key yet (longest-processing-time packing)."""
+    active = {a.name: set(a.active) for a in actors}
+    held = {a.name: a.held for a in actors}
+    have = Counter(k for keys in active.values() for k in keys)
+    adds: list[Key] = []
+    for key in sorted(set(have) | set(want_extra)):
+        delta = want_extra.get(key, have[key]) - have[key]
+        for _ in range(-delta):
+            name = min((n for n, keys in active.items() if key in keys), key=lambda n: (len(active[n]), n))
+            active[name].discard(key)
+        for _ in range(delta):
+            spare = [n for n in active if key in held[n] and key not in active[n]]
+            if spare:
+                active[max(spare, key=lambda n: (len(active[n]), n))].add(key)
+            else:
+                adds.append(key)
+    new: list[list[Key]] = []
+    load: list[float] = []
+    for key in sorted(adds, key=lambda k: -rates.get(k, 0.0)):
+        fits = [i for i, keys in enumerate(new) if len(keys) < per_actor and key not in keys]
+        if fits:
+            i = min(fits, key=lambda i: load[i])
+        else:
+            new.append([])
+            load.append(0.0)
+            i = len(new) - 1
+        new[i].append(key)
+        load[i] += rates.get(key, 0.0)
+    return active, new
+
+
+# ---- the controller --------------------------------------------------------------------------------------------------
+class ReplicaBackend(Protocol):
+    """Starts and stops replica processes (cluster/app.py: Ray actors)."""
+
+    async def start(self, name: str, assignment: dict[int, list[int]], version: int) -> str: ...  # -> address
+    async def stop(self, name: str) -> None: ...
+    async def alive(self, name: str) -> bool: ...
+    def pending(self) -> int: ...  # started but not yet listening (waiting for a node, or loading)
+
+
+class WorkerPort(Protocol):
+    """One attention worker's map RPCs (actors/attention_worker.py)."""
+
+    async def expert_loads(self) -> dict[str, int]: ...
+    async def expert_map_state(self) -> dict: ...
+    async def install_expert_map(self, version: int, replicas: dict, addresses: dict) -> int: ...
+    async def release_shards(self, names: list[str]) -> list[str]: ...
+
+
+class ControllerMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.replicas = Gauge("moemesh:expert_replicas", "Holders of each expert (base copy included).",
+                              ["layer", "expert"], registry=registry)
+        self.rate = Gauge("moemesh:expert_token_rate", "Tokens per second routed to each expert (trailing window).",
+                          ["layer", "expert"], registry=registry)
+        self.decisions = PromCounter("moemesh:autoscaler_decisions", "Holder-count changes applied, by action.",
+                                     ["action"], registry=registry)
+        self.pending = Gauge("moemesh:autoscaler_pending_replicas", "Replica actors started but not yet serving "
+                             "(waiting for resources or loading weights).", registry=registry)
+        self.version = Gauge("moemesh:expert_map_version", "Expert map version installed by the controller.",
+                             registry=registry)
+        self.actors = Gauge("moemesh:replica_actors", "Replica actors serving.", registry=registry)
+        self.failures = PromCounter("moemesh:autoscaler_failures", "Changes abandoned (a replica did not start in "
+                                    "time) or steps that raised.", registry=registry)
+
+
+class ExpertController:
+    """See the module docstring. `base`: the base shards' {layer: expert ids}; `workers`: name -> WorkerPort."""
+
+    def __init__(self, cfg: AutoscalingConfig, base: Sequence[Mapping[int, Sequence[int]]], n_experts: int,
+                 workers: Mapping[str, WorkerPort], backend: ReplicaBackend, registry: CollectorRegistry | None = None,
+                 clock=time.monotonic):
+        self.cfg, self.workers, self.backend, self.clock = cfg, dict(workers), backend, clock
+        self.base = Counter((int(layer), int(e)) for held in base for layer, ids in held.items() for e in ids)
+        layers = sorted({layer for layer, _ in self.base})
+        missing = [(layer, e) for layer in layers for e in range(n_experts) if not self.base[(layer, e)]]
+        if missing:
+            raise ValueError(f"base: experts {missing[:8]} are held by no base shard")
+        self.meter = LoadMeter(cfg.window_s)
+        self.actors: dict[str, ReplicaActor] = {}
+        self.version = 0
+        self.decisions: deque[Decision] = deque(maxlen=1000)
+        self._last_up: dict[Key, float] = {}
+        self._last_down: dict[Key, float] = {}
+        self._names = 0
+        self._lock = asyncio.Lock()
+        self.metrics = ControllerMetrics(registry or CollectorRegistry())
+
+    # -- state --------------------------------------------------------------------------------------------------------
+    def holders(self) -> dict[Key, int]:
+        extra = Counter(k for a in self.actors.values() for k in a.active)
+        return {k: n + extra[k] for k, n in self.base.items()}
+
+    def replicas(self) -> dict[str, dict[int, list[int]]]:
+        """{replica actor: {layer: expert ids}} of the map in force (actors with nothing active left out)."""
+        return {a.name: a.assignment(a.active) for a in self.actors.values() if a.active}
+
+    def state(self) -> dict:
+        return {"version": self.version, "replicas": self.replicas(), "pending": self.backend.pending(),
+                "holders": {f"{layer}/{e}": n for (layer, e), n in self.holders().items() if n > 1},
+                "decisions": [asdict(d) for d in list(self.decisions)[-50:]]}
+
+    # -- the loop -----------------------------------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Tick every `interval_s` until cancelled; a failing tick is logged and counted, never fatal."""
+        while True:
+            try:
+                await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the controller must outlive a bad tick (a worker restarting, ...)
+                log.exception("expert controller tick failed")
+                self.metrics.failures.inc()
+            await asyncio.sleep(self.cfg.interval_s)
+
+    async def tick(self) -> list[Decision]:
+        """Measure, decide, apply; re-send the map to workers that lost it (restarted). -> decisions applied."""
+        async with self._lock:
+            now = self.clock()
+            states = await self._gather({n: w.expert_map_state() for n, w in self.workers.items()})
+            if self.version == 0 and states:  # a restarted controller continues the workers' numbering
+                self.version = max(s["version"] for s in states.values())
+            loads = await self._gather({n: w.expert_loads() for n, w in self.workers.items()})
+            self.meter.add(now, {n: {_key(k): v for k, v in c.items()} for n, c in loads.items()})
+            rates = self.meter.rates()
+            await self._drop_dead()
+            holders = self.holders()
+            want = wanted_holders(self.cfg, rates, holders, now, self._last_up, self._last_down)
+            decisions = await self._apply(want, rates, holders, now) if want else []
+            stale = [n for n, s in states.items() if s["version"] < self.version]
+            if stale and not decisions:
+                await self._install(only=stale)
+            self._export(rates)
+            return decisions
+
+    async def _apply(self, want: dict[Key, int], rates: dict[Key, float], holders: dict[Key, int],
+                     now: float) -> list[Decision]:
+        want_extra = {k: n - self.base[k] for k, n in want.items()}
+        active, new_sets = change_replicas(list(self.actors.values()), want_extra, self.cfg.experts_per_actor,
+                                           rates)
+        version = self.version + 1
+        started = await self._start(new_sets, version)
+        if started is None:
+            return []
+        for name, keys in active.items():
+            self.actors[name].active = keys
+        self.actors.update({a.name: a for a in started})
+        self.version = version
+        await self._install()
+        emptied = [a.name for a in self.actors.values() if not a.active]
+        await self._drain_and_stop(emptied)
+        after = self.holders()
+        decisions = []
+        for key in sorted(want):
+            if after[key] == holders[key]:
+                continue
+            grew = after[key] > holders[key]
+            action = "rebalance" if self.cfg.mode == "rebalance" else ("add" if grew else "remove")
+            reason = (f"{rates.get(key, 0.0):.1f} tok/s over {holders[key]} holder(s); target "
+                      f"{self.cfg.target_tokens_per_replica_s:g} tok/s per holder" if self.cfg.mode == "autoscale"
+                      else f"{rates.get(key, 0.0):.1f} tok/s; budget {self.cfg.max_total_replicas} extra replicas")
+            d = Decision(time.time(), action, key[0], key[1], holders[key], after[key], rates.get(key, 0.0), reason)
+            (self._last_up if grew else self._last_down)[key] = now
+            self.decisions.append(d)
+            self.metrics.decisions.labels(action).inc()
+            log.info("expert map v%d: layer %d expert %d %s %d -> %d holders (%s)", version, key[0], key[1],
+                     action, holders[key], after[key], reason)
+            decisions.append(d)
+        return decisions
+
+    async def _start(self, new_sets: list[list[Key]], version: int) -> list[ReplicaActor] | None:
+        """Start replica actors and wait until all listen (None: one did not; the others are stopped again)."""
+        actors = []
+        for keys in new_sets:
+            self._names += 1
+            actors.append(ReplicaActor(f"replica-{self._names}", frozenset(keys), version, active=set(keys)))
+        if not actors:
+            return []
+        results = await asyncio.gather(
+            *(asyncio.wait_for(self.backend.start(a.name, a.assignment(a.held), version), self.cfg.start_timeout_s)
+              for a in actors), return_exceptions=True)
+        failed = [(a, r) for a, r in zip(actors, results) if isinstance(r, BaseException)]
+        if failed:
+            for a, err in failed:
+                log.warning("replica actor %s did not start: %r; change abandoned", a.name, err)
+            self.metrics.failures.inc()
+            await asyncio.gather(*(self.backend.stop(a.name) for a in actors), return_exceptions=True)
+            return None
+        for a, address in zip(actors, results):
+            a.address = address
+        return actors
+
+    async def _install(self, only: Sequence[str] | None = None) -> None:
+        """Send the map in force to every worker (or `only` these); a worker that cannot be reached gets it at a
+        later tick (it then routes by its older map, whose replicas are still running, or by the base shards)."""
+        replicas = self.replicas()
+        addresses = {n: self.actors[n].address for n in replicas}
+        names = list(only) if only is not None else list(self.workers)
+        await self._gather({n: self.workers[n].install_expert_map(self.version, replicas, addresses) for n in names})
+
+    async def _drain_and_stop(self, names: list[str]) -> None:
+        """Wait until no worker dispatches with a map older than the one in force, then stop `names`."""
+        if not names:
+            return
+        loop = asyncio.get_running_loop()  # real time: a drain waits for real dispatches
+        deadline = loop.time() + self.cfg.drain_timeout_s
+        while loop.time() < deadline:
+            states = await self._gather({n: w.expert_map_state() for n, w in self.workers.items()})
+            old = {n: s for n, s in states.items() if s["version"] < self.version
+                   or any(v < self.version for v in s["in_use"])}
+            if not old:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            log.warning("drain: workers still used an old map after %gs; stopping %s anyway",
+                        self.cfg.drain_timeout_s, names)
+        await self._gather({n: w.release_shards(names) for n, w in self.workers.items()})
+        await asyncio.gather(*(self.backend.stop(n) for n in names), return_exceptions=True)
+        for n in names:
+            self.actors.pop(n, None)
+
+    async def _drop_dead(self) -> None:
+        """Replica actors that died leave the map (a new version); their experts keep their other holders."""
+        alive = await asyncio.gather(*(self.backend.alive(n) for n in self.actors), return_exceptions=True)
+        dead = [n for n, ok in zip(list(self.actors), alive) if ok is not True]
+        if not dead:
+            return
+        log.warning("replica actors %s died; dropping them from the expert map", dead)
+        for n in dead:
+            self.actors[n].active = set()
+        self.version += 1
+        await self._install()
+        await self._drain_and_stop(dead)
+
+    async def _gather(self, calls: dict) -> dict:
+        """Await each call; drop (and log) the ones that failed."""
+        names = list(calls)
+        results = await asyncio.gather(*calls.values(), return_exceptions=True)
+        out = {}
+        for n, r in zip(names, results):
+            if isinstance(r, BaseException):
+                log.warning("worker %s: %r", n, r)
+            else:
+                out[n] = r
+        return out
+
+    def _export(self, rates: dict[Key, float]) -> None:
+        m = self.metrics
+        for (layer, e), n in self.holders().items():
+            m.replicas.labels(layer, e).set(n)
+            m.rate.labels(layer, e).set(rates.get((layer, e), 0.0))
+        m.pending.set(self.backend.pending())
+        m.version.set(self.version)
+        m.actors.set(len(self.actors))
+
+
+def _key(text: str) -> Key:
+    layer, expert = text.split("/")
+    return int(layer), int(expert)
