@@ -165,25 +165,15 @@ def wanted_holders(cfg: AutoscalingConfig, rates: Mapping[Key, float], holders: 
 
 def _within_budget(cfg: AutoscalingConfig, rates: Mapping[Key, float], holders: Mapping[Key, int],
                    want: dict[Key, int]) -> dict[Key, int]:
-    """Cut growth so that extra replicas (holders beyond 1) stay within `max_total_replicas`: the slots go, one at
-    a time, to the growing expert with the most load per holder."""
+    """Cut extra replicas (holders beyond 1) to `max_total_replicas`, one at a time from the expert whose last holder
+    helps least (lowest load per holder), growing ones and, when the budget was lowered, existing ones alike."""
     final = {**holders, **want}
     over = sum(n - 1 for n in final.values()) - cfg.max_total_replicas
-    if over <= 0:
-        return want
-    growing = {k: holders[k] for k, n in want.items() if n > holders[k]}
-    target = {k: want[k] for k in growing}
-    for _ in range(over):
-        if not growing:
-            break
-        # take back a slot from the growing expert whose last slot helps least (lowest load per holder after it)
-        key = min(growing, key=lambda k: rates.get(k, 0.0) / target[k])
-        target[key] -= 1
-        if target[key] == growing[key]:
-            del growing[key]
-    out = {k: n for k, n in want.items() if k not in target}
-    out.update({k: n for k, n in target.items() if n != holders[k]})
-    return out
+    while over > 0:
+        key = min((k for k, n in final.items() if n > 1), key=lambda k: (rates.get(k, 0.0) / final[k], k))
+        final[key] -= 1
+        over -= 1
+    return {k: n for k, n in final.items() if n != holders[k]}
 
 
 def _rebalance(cfg: AutoscalingConfig, rates: Mapping[Key, float], holders: Mapping[Key, int]) -> dict[Key, int]:
@@ -196,7 +186,8 @@ def _rebalance(cfg: AutoscalingConfig, rates: Mapping[Key, float], holders: Mapp
     counts = water_fill(w, np.array([len(keys) + cfg.max_total_replicas]))[0]
     counts = np.clip(counts, cfg.min_replicas, cfg.max_replicas)
     cur = np.array([holders[k] for k in keys])
-    if (w[0] / counts).max() > (1 - cfg.rebalance_min_gain) * (w[0] / cur).max():
+    over_budget = (cur - 1).sum() > cfg.max_total_replicas  # the budget was lowered: comply whatever the gain
+    if not over_budget and (w[0] / counts).max() > (1 - cfg.rebalance_min_gain) * (w[0] / cur).max():
         return {}
     return {k: int(c) for k, c, h in zip(keys, counts, cur) if c != h}
 
@@ -311,6 +302,7 @@ class ExpertController:
         self._last_up: dict[Key, float] = {}
         self._last_down: dict[Key, float] = {}
         self._names = 0
+        self._seen: dict[str, dict] = {}  # worker -> what the last tick read (None: unreachable)
         self._lock = asyncio.Lock()
         self.metrics = ControllerMetrics(registry or CollectorRegistry())
 
@@ -323,8 +315,15 @@ class ExpertController:
         """{replica actor: {layer: expert ids}} of the map in force (actors with nothing active left out)."""
         return {a.name: a.assignment(a.active) for a in self.actors.values() if a.active}
 
+    def configure(self, **changes) -> AutoscalingConfig:
+        """Change policy fields live (validated like the config file); the next tick uses them."""
+        self.cfg = AutoscalingConfig.model_validate({**self.cfg.model_dump(), **changes})
+        return self.cfg
+
     def state(self) -> dict:
+        top = sorted(self.meter.rates().items(), key=lambda kv: -kv[1])[:20]
         return {"version": self.version, "replicas": self.replicas(), "pending": self.backend.pending(),
+                "rates": {f"{layer}/{e}": round(r, 2) for (layer, e), r in top}, "workers": self._seen,
                 "holders": {f"{layer}/{e}": n for (layer, e), n in self.holders().items() if n > 1},
                 "decisions": [asdict(d) for d in list(self.decisions)[-50:]]}
 
@@ -349,6 +348,8 @@ class ExpertController:
             if self.version == 0 and states:  # a restarted controller continues the workers' numbering
                 self.version = max(s["version"] for s in states.values())
             loads = await self._gather({n: w.expert_loads() for n, w in self.workers.items()})
+            self._seen = {n: {"version": states[n]["version"] if n in states else None,
+                              "tokens": sum(loads[n].values()) if n in loads else None} for n in self.workers}
             self.meter.add(now, {n: {_key(k): v for k, v in c.items()} for n, c in loads.items()})
             rates = self.meter.rates()
             await self._drop_dead()

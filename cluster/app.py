@@ -190,6 +190,10 @@ class ExpertControllerReplica(_RoleEdge):
     def state(self) -> dict:
         return self.controller.state()
 
+    def configure(self, changes: dict) -> dict:
+        """Change policy fields live (e.g. `{"max_total_replicas": 0}`) -> the policy in force."""
+        return self.controller.configure(**changes).model_dump()
+
     async def tick(self) -> list[dict]:
         """One controller step now (tests and operators); -> the decisions it applied."""
         from dataclasses import asdict

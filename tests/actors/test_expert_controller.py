@@ -212,3 +212,12 @@ def test_a_dead_replica_actor_leaves_the_map_and_is_replaced():
 def test_base_shards_must_cover_every_expert():
     with pytest.raises(ValueError, match=r"base: experts \[\(0, 1\)\]"):
         ExpertController(CFG, [{0: [0]}], 2, {}, _Backend([]))
+
+
+def test_a_lowered_budget_removes_the_replicas_that_help_least():
+    # extras: A has 2 (3 holders, 300 tok/s -> 100 per holder), B has 1 (2 holders, 60 tok/s -> 30 per holder).
+    # Budget 1: B's extra goes first (30 < 100), then one of A's (A 3 -> 2 leaves 150 per holder).
+    cfg = CFG.model_copy(update={"max_total_replicas": 1, "downscale_cooldown_s": 1e9, "hysteresis": 0.9})
+    want = wanted_holders(cfg, {(0, 0): 300.0, (0, 1): 60.0}, {(0, 0): 3, (0, 1): 2}, now=0, last_up=NEVER,
+                          last_down=NEVER)
+    assert want == {(0, 0): 2, (0, 1): 1}

@@ -9,10 +9,15 @@ everything started here is stopped with `serve.shutdown()` / `Cluster.shutdown()
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import secrets
 import socket
+import threading
+import time
 
+import httpx
 import pytest
 
 
@@ -69,3 +74,78 @@ def served(ray_cluster, tiny_model_dir):
     url = deploy(config)
     yield url, config, node_ids
     serve.shutdown()
+
+
+def _wait_until(what: str, probe, timeout_s: float = 180.0, every_s: float = 0.5):
+    """Poll `probe()` until it returns something truthy (bounded)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        got = probe()
+        if got:
+            return got
+        time.sleep(every_s)
+    raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+
+
+class HttpLoad:
+    """`concurrency` clients on a thread of their own, each sending requests back to back until stopped; every
+    answer (or failure) is kept. A few clients stream."""
+
+    def __init__(self, url: str, prompts: list[list[int]], concurrency: int = 32, max_tokens: int = 12):
+        self.url, self.prompts, self.concurrency, self.max_tokens = url, prompts, concurrency, max_tokens
+        self.results: list[tuple[int, int, str]] = []  # (prompt index, HTTP status or -1, text or error)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    def start(self) -> "HttpLoad":
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 300.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout_s)
+        assert not self._thread.is_alive(), "the load did not finish in time"
+
+    async def _run(self) -> None:
+        async with httpx.AsyncClient(timeout=300) as client:
+            await asyncio.gather(*(self._client(client, c) for c in range(self.concurrency)))
+
+    async def _client(self, client: httpx.AsyncClient, c: int) -> None:
+        i = c
+        while not self._stop.is_set():
+            p = i % len(self.prompts)
+            body = {"model": "tiny", "prompt": self.prompts[p], "max_tokens": self.max_tokens, "temperature": 0,
+                    "ignore_eos": True, "stream": c % 8 == 0}
+            try:
+                self.results.append((p, *(await (self._stream if body["stream"] else self._once)(client, body))))
+            except Exception as e:  # noqa: BLE001 - recorded as a failure
+                self.results.append((p, -1, repr(e)))
+            i += self.concurrency
+
+    async def _once(self, client, body) -> tuple[int, str]:
+        r = await client.post(f"{self.url}/completions", json=body)
+        return r.status_code, r.json()["choices"][0]["text"] if r.status_code == 200 else r.text
+
+    async def _stream(self, client, body) -> tuple[int, str]:
+        text = []
+        async with client.stream("POST", f"{self.url}/completions", json=body) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        return 599, json.dumps(event)
+                    text += [c["text"] for c in event["choices"]]
+        return r.status_code, "".join(text)
+
+
+@pytest.fixture(scope="session")
+def wait_until():
+    """`wait_until(what, probe, timeout_s=180, every_s=0.5)`: poll until `probe()` is truthy -> its value."""
+    return _wait_until
+
+
+@pytest.fixture(scope="session")
+def http_load():
+    """`http_load(url, prompts, concurrency=32, max_tokens=12).start()`: steady greedy completions (some
+    streamed) until `.stop()`; `.results` holds (prompt index, status or -1, text or error) of every request."""
+    return HttpLoad

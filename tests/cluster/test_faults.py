@@ -8,11 +8,9 @@ so every step asks the shards) runs beside the session's `moemesh` app, so the k
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
-import threading
 import time
 
 import httpx
@@ -64,17 +62,6 @@ def _pid(deployment: str) -> int:
     return _handle(deployment).pid.remote().result(timeout_s=120)
 
 
-def _wait(what: str, probe, timeout_s: float = 180.0, every_s: float = 0.5):
-    """Poll `probe()` until it returns something truthy (bounded)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        got = probe()
-        if got:
-            return got
-        time.sleep(every_s)
-    raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
-
-
 def _worker_faults(kind: str) -> list[dict]:
     out = []
     for k in range(2):
@@ -83,57 +70,6 @@ def _worker_faults(kind: str) -> list[dict]:
         except Exception:  # noqa: BLE001 - a worker restarting has no stats yet
             pass
     return out
-
-
-class Load:
-    """CONCURRENCY clients on a thread of their own, each sending requests back to back until stopped; every
-    answer (or failure) is kept. A few clients stream."""
-
-    def __init__(self, url: str, prompts: list[list[int]]):
-        self.url, self.prompts = url, prompts
-        self.results: list[tuple[int, int, str]] = []  # (prompt index, HTTP status or -1, text or error)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
-
-    def start(self) -> "Load":
-        self._thread.start()
-        return self
-
-    def stop(self, timeout_s: float = 300.0) -> None:
-        self._stop.set()
-        self._thread.join(timeout_s)
-        assert not self._thread.is_alive(), "the load did not finish in time"
-
-    async def _run(self) -> None:
-        async with httpx.AsyncClient(timeout=300) as client:
-            await asyncio.gather(*(self._client(client, c) for c in range(CONCURRENCY)))
-
-    async def _client(self, client: httpx.AsyncClient, c: int) -> None:
-        i = c
-        while not self._stop.is_set():
-            p = i % len(self.prompts)
-            body = {"model": "tiny", "prompt": self.prompts[p], "max_tokens": MAX_TOKENS, "temperature": 0,
-                    "ignore_eos": True, "stream": c % 8 == 0}
-            try:
-                self.results.append((p, *(await (self._stream if body["stream"] else self._once)(client, body))))
-            except Exception as e:  # noqa: BLE001 - recorded as a failure
-                self.results.append((p, -1, repr(e)))
-            i += CONCURRENCY
-
-    async def _once(self, client, body) -> tuple[int, str]:
-        r = await client.post(f"{self.url}/completions", json=body)
-        return r.status_code, r.json()["choices"][0]["text"] if r.status_code == 200 else r.text
-
-    async def _stream(self, client, body) -> tuple[int, str]:
-        text = []
-        async with client.stream("POST", f"{self.url}/completions", json=body) as r:
-            async for line in r.aiter_lines():
-                if line.startswith("data: ") and line != "data: [DONE]":
-                    event = json.loads(line[6:])
-                    if "error" in event:
-                        return 599, json.dumps(event)
-                    text += [c["text"] for c in event["choices"]]
-        return r.status_code, "".join(text)
 
 
 def _kill(deployment: str) -> tuple[int, float]:
@@ -149,7 +85,7 @@ def _expert_incident(shard: int, since: float, key: str):
 
 
 @pytest.mark.timeout(1200)
-def test_no_request_fails_while_shards_and_workers_die(fault_app, tiny_model_dir):
+def test_no_request_fails_while_shards_and_workers_die(fault_app, tiny_model_dir, wait_until, http_load):
     reference = moemesh.load_model(tiny_model_dir)
     decode = Tokenizer.from_file(f"{tiny_model_dir}/tokenizer.json").decode
     g = torch.Generator().manual_seed(5)
@@ -157,35 +93,35 @@ def test_no_request_fails_while_shards_and_workers_die(fault_app, tiny_model_dir
                for n in (1, 3, 5, 8, 13, 21, 34, 55)]
     want = [decode(reference.generate(torch.tensor([p]), max_new_tokens=MAX_TOKENS, eos_token_id=None)[0, len(p):]
                    .tolist(), skip_special_tokens=True) for p in prompts]
-    _wait("the faults app to answer", lambda: httpx.post(f"{fault_app}/completions", timeout=120, json={
+    wait_until("the faults app to answer", lambda: httpx.post(f"{fault_app}/completions", timeout=120, json={
         "model": "tiny", "prompt": prompts[0], "max_tokens": 2}).status_code == 200)
 
-    load = Load(fault_app, prompts).start()
+    load = http_load(fault_app, prompts, CONCURRENCY, MAX_TOKENS).start()
     recovery = {}
     try:
-        _wait("warm-up answers", lambda: len(load.results) >= CONCURRENCY, timeout_s=300)
+        wait_until("warm-up answers", lambda: len(load.results) >= CONCURRENCY, timeout_s=300)
 
         # 1. an expert shard whose experts have a replica: its tokens go to the replica at once
         old, t0 = _kill("expert-shard-1")
-        e = _wait("re-routing around expert-shard-1", lambda: _expert_incident(1, t0, "recovered_at"))
+        e = wait_until("re-routing around expert-shard-1", lambda: _expert_incident(1, t0, "recovered_at"))
         recovery["expert shard with a replica (re-routed)"] = e["recovered_at"] - t0
-        e = _wait("expert-shard-1 healthy again", lambda: _expert_incident(1, t0, "healthy_at"))
+        e = wait_until("expert-shard-1 healthy again", lambda: _expert_incident(1, t0, "healthy_at"))
         recovery["  ... restarted shard healthy again"] = e["healthy_at"] - t0
         assert _pid("expert-shard-1") != old
 
         # 2. an expert shard nobody else backs: steps wait for Serve's restart, the address is re-resolved
         old, t0 = _kill("expert-shard-2")
-        e = _wait("expert-shard-2 serving again", lambda: _expert_incident(2, t0, "recovered_at"))
+        e = wait_until("expert-shard-2 serving again", lambda: _expert_incident(2, t0, "recovered_at"))
         recovery["expert shard without a replica (restart)"] = e["recovered_at"] - t0
         assert e["how"] == "restarted" and _pid("expert-shard-2") != old
 
         # 3. an attention worker: its requests are re-admitted on the other one
         done_before = len(load.results)
         old, t0 = _kill("attention-worker-0")
-        moved = _wait("re-admitted requests", lambda: [r for r in _handle("ingress").faults.remote().result(
+        moved = wait_until("re-admitted requests", lambda: [r for r in _handle("ingress").faults.remote().result(
             timeout_s=30) if r["lost_at"] >= t0 - 1.0 and r["resumed_at"] is not None])
         recovery["attention worker (first request resumed)"] = min(r["resumed_at"] for r in moved) - t0
-        _wait("attention-worker-0 back", lambda: _pid("attention-worker-0") != old, timeout_s=300)
+        wait_until("attention-worker-0 back", lambda: _pid("attention-worker-0") != old, timeout_s=300)
         recovery["  ... worker restarted"] = time.time() - t0
         moved = [r for r in _handle("ingress").faults.remote().result(timeout_s=30) if r["lost_at"] >= t0 - 1.0]
         recovery["  ... requests re-admitted"] = len(moved)
@@ -193,12 +129,12 @@ def test_no_request_fails_while_shards_and_workers_die(fault_app, tiny_model_dir
 
         # 4. an Engram replica: lookups fail over to the other replica
         old, t0 = _kill("engram-shard-0-1")
-        events = _wait("an Engram failover", lambda: [e for e in _worker_faults("engram") if e["failed_at"] >= t0])
+        events = wait_until("an Engram failover", lambda: [e for e in _worker_faults("engram") if e["failed_at"] >= t0])
         recovery["Engram replica (failover)"] = min(e["recovered_at"] for e in events) - t0
-        _wait("engram-shard-0-1 back", lambda: _pid("engram-shard-0-1") != old, timeout_s=300)
+        wait_until("engram-shard-0-1 back", lambda: _pid("engram-shard-0-1") != old, timeout_s=300)
         recovery["  ... replica restarted"] = time.time() - t0
         after = len(load.results)
-        _wait("answers after the last kill", lambda: len(load.results) >= after + CONCURRENCY, timeout_s=300)
+        wait_until("answers after the last kill", lambda: len(load.results) >= after + CONCURRENCY, timeout_s=300)
     finally:
         load.stop()
 

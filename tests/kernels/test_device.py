@@ -1,7 +1,10 @@
 """The device layer and the dispatch glue: device resolution and its errors, torch_npu imported only on request,
 CPU numerics untouched by the dispatchers, and the Ascend paths driven through a fake `torch_npu` (npu_fake.py) that
 implements each operator's documented formula. Fake-op results are compared with the plain-torch reference at
-float32 precision (rtol 1e-5) or, for bf16 attention, at bf16's (atol/rtol 2e-2).
+float32 precision (rtol 1e-5) or, for bf16 attention, at bf16's (atol/rtol 2e-2). The model's hooks (Attention,
+EngramMemory, EngramGate -> dispatch) are shown live by replacing a dispatcher with a recording stand-in: the module
+must pass it the right tensors and return what it returns; on the CPU the whole model is bit-identical with
+MOEMESH_KERNELS=reference.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from moemesh import load_model
 from moemesh.kernels import device, dispatch
-from moemesh.kernels.attention import sink_attention
+from moemesh.kernels.attention import Segment, sink_attention
 from moemesh.kernels.config import ModelConfig
 from moemesh.kernels.moe import ExpertBank, Router
 from moemesh.kernels.norms import RMSNorm
@@ -261,3 +265,137 @@ def test_npu_attention_glue_restores_the_sink(fake_npu, heads):
     ref = sink_attention(q.double(), keys.double(), allowed, sink.double(), Dh ** -0.5)
     torch.testing.assert_close(got.double(), ref, rtol=2e-2, atol=2e-2)
     assert dispatch.sink_attention(q.float(), keys.float(), allowed, sink, 0.25) is None  # fp32: not supported
+
+
+# ---- the model's hooks: CPU numerics unchanged, and each hook's result is what the module returns --------------------
+def _two_steps(model, layer_fn):
+    """Feed `layer_fn(x, positions, segments)` a 37-token prefill of sequence A, then A's next token with sequence B's
+    9-token first chunk (fresh caches of `model`) -> the two outputs. Same random inputs on every call."""
+    g = torch.Generator().manual_seed(7)
+    caches, outs = [model.new_cache() for _ in range(2)], []
+    for lens in ([37], [1, 9]):
+        segments, positions, start = [], [], 0
+        for cache, n in zip(caches, lens):
+            segments.append(Segment(start, n, cache))
+            positions.append(torch.arange(cache.length, cache.length + n))
+            start, cache.length = start + n, cache.length + n
+        x = torch.randn(start, model.config.hidden_size, generator=g).to(model.dtype)
+        outs.append(layer_fn(x, torch.cat(positions), segments))
+    return outs
+
+
+def _spy(monkeypatch, name: str, result):
+    """Replace dispatch.<name> by a function that records its arguments and returns result(*args, **kwargs)."""
+    calls = []
+
+    def hook(*args, **kwargs):
+        calls.append((args, kwargs))
+        return result(*args, **kwargs)
+
+    monkeypatch.setattr(dispatch, name, hook)
+    return calls
+
+
+def test_cpu_model_is_bit_identical_with_reference_kernels(tiny_model_dir, monkeypatch):
+    """On the CPU every hook declines: MOEMESH_KERNELS=reference and the default give the same bits (prefill with
+    CSA selection and Engram, then decode)."""
+    model = load_model(tiny_model_dir)
+    prompt = torch.randint(3, model.config.vocab_size, (2, 60), generator=torch.Generator().manual_seed(8))
+
+    def run(mode):
+        monkeypatch.setenv("MOEMESH_KERNELS", mode)
+        caches = [model.new_cache() for _ in range(2)]
+        return model(prompt, caches=caches), model(prompt[:, -1:], caches=caches)
+
+    auto, reference = run("auto"), run("reference")
+    assert all(torch.equal(a, r) for a, r in zip(auto, reference))
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2])  # sliding, CSA, HCA
+def test_attention_calls_the_sink_attention_hook_and_returns_its_result(tiny_model_dir, monkeypatch, layer):
+    """Attention._attend hands dispatch.sink_attention its q, keys, mask, sink and scale, plus key lists that name
+    exactly the allowed keys (ascending, no host sync); the hook's result (here the float64 reference) is what the
+    module uses, and a hook returning zeros zeroes the module's output."""
+    model = load_model(tiny_model_dir)
+    attn = model.layers[layer].attn
+    plain = _two_steps(model, attn)
+    calls = _spy(monkeypatch, "sink_attention", lambda q, keys, allowed, sink, scale, key_lists=None: sink_attention(
+        q.double(), keys.double(), allowed, sink.double(), scale).to(q.dtype))
+    hooked = _two_steps(model, attn)
+    assert len(calls) == 3  # one per segment: A, then A and B
+    for (q, keys, allowed, sink, scale), kwargs in calls:
+        assert sink is attn.attn_sink and scale == attn.head_dim ** -0.5 and allowed.shape == (q.shape[0], len(keys))
+        lists = kwargs["key_lists"]().long()
+        spare = allowed.shape[1]  # -1 slots mark a spare column
+        listed = torch.zeros(allowed.shape[0], spare + 1, dtype=torch.bool).scatter_(
+            1, torch.where(lists >= 0, lists, spare), True)
+        assert torch.equal(listed[:, :spare], allowed)
+        valid = [row[row >= 0] for row in lists]
+        assert all(torch.equal(v, v.sort().values) and len(v.unique()) == len(v) for v in valid)
+    for got, ref in zip(hooked, plain):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    _spy(monkeypatch, "sink_attention", lambda q, *a, **k: torch.zeros_like(q))
+    assert all(not out.any() for out in _two_steps(model, attn))
+
+
+def test_attention_module_through_the_fake_npu(tiny_model_dir, fake_npu, monkeypatch):
+    """bf16 CSA attention with every dispatcher on the torch_npu path: the fused attention op runs once per segment
+    and the module's output matches the reference path's at bf16 precision."""
+    model = load_model(tiny_model_dir, dtype=torch.bfloat16)
+    attn = model.layers[1].attn
+    got = _two_steps(model, attn)
+    assert sum(name == "npu_fused_infer_attention_score" for name, _ in fake_npu.calls) == 3
+    monkeypatch.setattr(dispatch, "kernel_path", lambda dev: "reference")
+    for a, b in zip(got, _two_steps(model, attn)):
+        torch.testing.assert_close(a.double(), b.double(), rtol=2e-2, atol=2e-2 * float(b.abs().max()))
+
+
+def test_engram_memory_calls_the_lookup_hook_and_returns_its_result(tiny_model_dir, monkeypatch):
+    model = load_model(tiny_model_dir)
+    memory = model.layers[1].engram_memory
+    g = torch.Generator().manual_seed(10)
+    ids = torch.stack([torch.randint(0, int(n), (11,), generator=g) for n in memory.sizes], 1).to(torch.int32)
+    plain = memory.lookup(ids)
+    calls = _spy(monkeypatch, "engram_lookup", lambda hash_ids, offsets, table: torch.cat(
+        [table.double()[offsets[j] + hash_ids[:, j]] for j in range(hash_ids.shape[1])], 1).to(table.dtype))
+    assert torch.equal(memory.lookup(ids), plain)
+    (hash_ids, offsets, table), _ = calls[0]
+    assert hash_ids.dtype == torch.long and offsets is memory.offsets and table is memory.embed.weight
+    _spy(monkeypatch, "engram_lookup", lambda hash_ids, offsets, table: torch.full_like(plain, 7.0))
+    assert (memory.lookup(ids) == 7.0).all()
+    with pytest.raises(ValueError, match="outside its head's table"):  # the bounds check stays before the hook
+        memory.lookup(ids + memory.sizes.to(torch.int32))
+
+
+@pytest.mark.parametrize("form", ["v4.1", "paper"])
+def test_engram_gate_calls_the_fused_gate_hook_in_the_v41_form(monkeypatch, form):
+    """The v4.1 gate hands dispatch.engram_gate the streams, key_proj/value_proj outputs, both norm weights and eps,
+    and returns the hook's result (here the float64 formula); the paper form (conv after the gate) never calls it."""
+    from moemesh.kernels.engram import EngramGate
+
+    cfg = _cfg(hc_mult=3, engram_layer_ids=[1], engram_max_ngram_size=3, engram_n_heads=2, engram_head_dim=8,
+               engram_vocab_size=[101, 103], engram_gate_form=form)
+    gate = EngramGate(cfg)
+    _randomize(gate, 9)
+    streams, rows = torch.randn(6, 3, 32), torch.randn(6, cfg.engram_dim)
+    plain, _ = gate(streams, rows)
+
+    def fused64(h, k, v, qw, kw, eps):
+        def norm(a, w):
+            return a.double() * torch.rsqrt(a.double().square().mean(-1, keepdim=True) + eps) * w.double()
+
+        s = (norm(h, qw) * norm(k, kw)).sum(-1) / 32 ** 0.5
+        alpha = torch.sigmoid(s.sign() * s.abs().clamp_min(1e-6).sqrt())
+        return (h.double() + alpha[..., None] * v.double()[:, None, :]).to(h.dtype)
+
+    calls = _spy(monkeypatch, "engram_gate", fused64)
+    hooked, state = gate(streams, rows)
+    if form == "paper":
+        assert calls == [] and torch.equal(hooked, plain)
+        return
+    (h, k, v, qw, kw, eps), _ = calls[0]
+    assert h is streams and k.shape == (6, 3, 32) and v.shape == (6, 32) and state is None
+    assert qw is gate.query_norm.weight and kw is gate.key_norm.weight and eps == gate.eps
+    torch.testing.assert_close(hooked, plain, rtol=1e-5, atol=1e-6)
+    _spy(monkeypatch, "engram_gate", lambda h, *a: torch.zeros_like(h))
+    assert not gate(streams, rows)[0].any()

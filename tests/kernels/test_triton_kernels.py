@@ -1,5 +1,7 @@
 """Every Triton kernel against a float64 reference: on the CPU through the Triton interpreter, and on a CUDA GPU when
-the machine has one.
+the machine has one. The `module/` cases run the model's own modules (Attention of each kind, Engram lookup and gate,
+the whole tiny model) with the dispatcher routed to Triton, so they test the hooks in attention.py / engram.py too,
+and check that each Triton entry point was called.
 
 Error = max |fast - ref| / max |ref| over the output, ref computed in float64 from the very same inputs (for FP8/FP4
 weights, from their exact dequantized values, so in-kernel decoding must be exact). Bound per output dtype, with
@@ -15,6 +17,7 @@ subprocess with TRITON_INTERPRET=1 and reports JSON; pytest never imports the ke
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -22,6 +25,7 @@ import platform
 import secrets
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 import torch
@@ -228,6 +232,110 @@ def case_engram_gate(dtype):
     return run
 
 
+# ---- the model's modules through the dispatcher (the hooks in attention.py / engram.py, not just the kernels) -------
+def case_attention_module(dev, g):
+    """`Attention.forward` of the tiny checkpoint's sliding, CSA and HCA layers (0, 1, 2) through the dispatcher:
+    Triton RMSNorm and sparse sink attention, the key lists built by `attention.key_lists` (never from the mask). A
+    37-token prefill of sequence A, then one step holding A's next token and sequence B's 9-token first chunk; the
+    float64 reference is the same checkpoint loaded in float64 on the reference path, fed the same inputs."""
+    from moemesh.kernels import dispatch, triton_attention
+    from moemesh.kernels.attention import Segment
+
+    model, model64 = _tiny_models(dev)
+    steps = [[37], [1, 9]]  # tokens per sequence in each step (A, then A and B)
+    xs = [_rand(g, sum(lens), model.config.hidden_size, dev=dev) for lens in steps]
+    err = 0.0
+    for layer in (0, 1, 2):
+        runs = {}
+        for name, m in (("fast", model), ("ref", model64)):
+            caches = [m.new_cache() for _ in range(2)]
+            outs = []
+            for lens, x in zip(steps, xs):
+                segments, positions, start = [], [], 0
+                for cache, n in zip(caches, lens):
+                    segments.append(Segment(start, n, cache))
+                    positions.append(torch.arange(cache.length, cache.length + n, device=m.device))
+                    start, cache.length = start + n, cache.length + n
+                attn = m.layers[layer].attn
+                if name == "fast":
+                    with _counting(triton_attention, "sparse_sink_attention", "mask_to_indices") as calls:
+                        outs.append(_with_triton_path(dispatch, dev, partial(attn, x, torch.cat(positions),
+                                                                             segments)))
+                    assert calls == {"sparse_sink_attention": len(lens), "mask_to_indices": 0}, calls
+                else:
+                    outs.append(attn(x.double().cpu(), torch.cat(positions).cpu(), segments))
+            runs[name] = torch.cat(outs)
+        err = max(err, _rel(runs["fast"], runs["ref"]))
+    return err, BOUND[torch.float32]
+
+
+def case_engram_modules(dev, g):
+    """`EngramMemory.lookup` (Triton row gather; must equal the reference lookup exactly) and `EngramGate.forward`
+    (fused v4.1 gate, against the float64 checkpoint's gate) of the tiny checkpoint's Engram layer 1."""
+    from moemesh.kernels import dispatch, triton_engram
+
+    model, model64 = _tiny_models(dev)
+    memory, gate = model.layers[1].engram_memory, model.layers[1].engram
+    assert gate.form == "v4.1", gate.form
+    T = 23
+    ids = torch.stack([torch.randint(0, int(n), (T,), generator=g) for n in memory.sizes.cpu()], 1).to(dev)
+    streams = _rand(g, T, gate.streams, gate.dim, dev=dev)
+    with _counting(triton_engram, "gather_rows", "engram_gate") as calls:
+        rows = _with_triton_path(dispatch, dev, lambda: memory.lookup(ids))
+        got, state = _with_triton_path(dispatch, dev, lambda: gate(streams, rows))
+    assert calls == {"gather_rows": 1, "engram_gate": 1} and state is None, calls
+    assert torch.equal(rows, memory.lookup(ids)), "Triton row gather differs from the reference lookup"
+    ref, _ = model64.layers[1].engram(streams.double().cpu(), rows.double().cpu())
+    return _rel(got, ref), BOUND[torch.float32]
+
+
+def case_tiny_model(dev, g):
+    """The whole tiny model with every dispatcher on its Triton path: a 2 x 36-token prefill, then one decode step
+    per sequence, logits against the float64 checkpoint's. Every kernel family must have run."""
+    from moemesh.kernels import dispatch, triton_attention, triton_engram, triton_moe, triton_norm
+
+    model, model64 = _tiny_models(dev)
+    prompt = torch.randint(3, model.config.vocab_size, (2, 36), generator=g)
+    nxt = torch.randint(3, model.config.vocab_size, (2, 1), generator=g)
+    caches, caches64 = [model.new_cache() for _ in range(2)], [model64.new_cache() for _ in range(2)]
+    with contextlib.ExitStack() as stack:
+        calls = [stack.enter_context(_counting(mod, *names)) for mod, names in (
+            (triton_attention, ("sparse_sink_attention",)), (triton_engram, ("gather_rows", "engram_gate")),
+            (triton_norm, ("rms_norm",)), (triton_moe, ("swiglu_up",)))]
+        got = [_with_triton_path(dispatch, dev, partial(model, ids.to(dev), caches=caches)) for ids in (prompt, nxt)]
+    assert all(n > 0 for c in calls for n in c.values()), calls
+    ref = [model64(ids, caches=caches64) for ids in (prompt, nxt)]
+    return max(_rel(a, b) for a, b in zip(got, ref)), BOUND[torch.float32]
+
+
+def _tiny_models(dev):
+    """The tiny checkpoint in float32 on `dev`, and in float64 on the CPU (the reference)."""
+    from moemesh import load_model
+
+    path = os.environ["MOEMESH_TEST_TINY_MODEL"]
+    return load_model(path, device=dev), load_model(path, dtype=torch.float64)
+
+
+@contextlib.contextmanager
+def _counting(module, *names):
+    """Count calls of module-level functions (the dispatcher looks them up on the module at each call)."""
+    calls, saved = dict.fromkeys(names, 0), {n: getattr(module, n) for n in names}
+
+    def counted(name):
+        def fn(*args, **kwargs):
+            calls[name] += 1
+            return saved[name](*args, **kwargs)
+        return fn
+
+    for name in names:
+        setattr(module, name, counted(name))
+    try:
+        yield calls
+    finally:
+        for name, fn in saved.items():
+            setattr(module, name, fn)
+
+
 def _with_triton_path(dispatch, dev, fn):
     """On CPU tensors (interpreter), route the dispatcher to the Triton path; on CUDA it goes there by itself."""
     if dev.type != "cpu":
@@ -258,6 +366,8 @@ CASES = {
     "attention/float32": case_attention(F32), "attention/bfloat16": case_attention(BF16),
     "engram/gather": case_engram_gather,
     "engram/gate-float32": case_engram_gate(F32), "engram/gate-bfloat16": case_engram_gate(BF16),
+    "module/attention-sliding-csa-hca": case_attention_module, "module/engram-lookup-and-gate": case_engram_modules,
+    "module/tiny-model-prefill-and-decode": case_tiny_model,
 }
 
 
