@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moemesh.kernels import dispatch
 from moemesh.kernels.compressor import Compressor, Indexer
 from moemesh.kernels.config import CSA, SLIDING, ModelConfig
 from moemesh.kernels.kv_cache import LayerCache
@@ -93,16 +94,46 @@ class Attention(nn.Module):
         delta = positions.unsqueeze(-1) - key_pos  # [T, past+T]
         allowed = (delta >= 0) & (delta < self.window)
         cache.window = keys[-(self.window - 1):] if self.window > 1 else keys[:0]
+        visible, most_visible = None, 0
         if self.compressor is not None:
             self.compressor.update(x, cache.compressor)
             entries = cache.compressor.entries.view()  # [C, Dh]
             if self.indexer is not None:
                 visible = self.indexer.select(x, q_residual, positions, cache.indexer)
+                most_visible = min(self.indexer.topk, entries.shape[0])
             else:
                 visible = torch.arange(entries.shape[0], device=q.device) < ((positions + 1) // self.compressor.rate
                                                                              ).unsqueeze(-1)
+                most_visible = entries.shape[0]
             keys, allowed = torch.cat([keys, entries]), torch.cat([allowed, visible], dim=-1)
-        return sink_attention(q, keys, allowed, self.attn_sink, self.head_dim ** -0.5)
+        scale = self.head_dim ** -0.5
+        fast = dispatch.sink_attention(  # device kernel; None on the CPU
+            q, keys, allowed, self.attn_sink, scale,
+            key_lists=lambda: key_lists(positions, past, self.window, visible, most_visible))
+        return fast if fast is not None else sink_attention(q, keys, allowed, self.attn_sink, scale)
+
+
+def key_lists(positions: torch.Tensor, past: int, window: int, visible: torch.Tensor | None,
+              most_visible: int) -> torch.Tensor:
+    """The keys each query of `Attention._attend` may see, as rows of its `keys` [past+T window keys, C entries],
+    built without a host sync (the sparse kernel gathers by index): int32 [T, min(window, past+T) + most_visible],
+    ascending, -1 = unused slot. Exactly the True entries of `_attend`'s `allowed`.
+
+    positions [T] of one sequence (consecutive, as the window keys' positions are); past = window keys cached before
+    them; visible bool [T, C] compressed entries per query (None: no compressor), at most `most_visible` per query."""
+    T = positions.shape[0]
+    n_window = past + T
+    width = min(window, n_window)
+    # query t sees window key i iff 0 <= positions[t] - (positions[0] - past + i) < window: the `width` keys ending
+    # at its own (i = positions[t] - positions[0] + past), those before key 0 unused
+    first = positions - positions[0] + past - (width - 1)  # [T]
+    rows = first.unsqueeze(-1) + torch.arange(width, device=positions.device)  # [T, width]
+    rows = torch.where(rows >= 0, rows, -1)
+    if visible is None or most_visible == 0:
+        return rows.to(torch.int32)
+    order = torch.argsort(visible.to(torch.int8), dim=-1, descending=True, stable=True)[:, :most_visible]
+    picked = torch.where(visible.gather(1, order), order + n_window, -1)  # [T, most_visible]
+    return torch.cat([rows, picked], dim=-1).to(torch.int32)
 
 
 def sink_attention(q: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor, sink: torch.Tensor,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -116,14 +117,19 @@ def gating_topk(logits: Tensor, bias: Tensor, k: int, scoring: str, normalize: b
     return _npu("npu_moe_gating_top_k", npu_ops.gating_topk, logits, bias, k, scoring, normalize, scale)
 
 
-def sink_attention(q: Tensor, keys: Tensor, allowed: Tensor, sink: Tensor, scale: float) -> Tensor | None:
+def sink_attention(q: Tensor, keys: Tensor, allowed: Tensor, sink: Tensor, scale: float,
+                   key_lists: Callable[[], Tensor] | None = None) -> Tensor | None:
     """`attention.sink_attention`: q [T, H, Dh], keys [S, Dh] (= values), allowed bool [T, S], sink [H]
-    -> [T, H, Dh]."""
+    -> [T, H, Dh].
+
+    `key_lists`, when the caller can build them without a host sync: a callable returning int [T, L], each query's
+    allowed rows of `keys` (-1 = unused slot; exactly the True entries of `allowed`). Called only by the Triton path,
+    which gathers keys by index; without it, the lists come from `allowed` at one host sync per call."""
     path = kernel_path(q.device)
     if path == "triton" and q.dtype in _TRITON_DTYPES:
         from moemesh.kernels import triton_attention
 
-        idx = triton_attention.mask_to_indices(allowed)
+        idx = key_lists() if key_lists is not None else triton_attention.mask_to_indices(allowed)
         with _on(q.device):
             return triton_attention.sparse_sink_attention(q, keys.to(q.dtype), idx, sink, scale)
     if path == "torch_npu":

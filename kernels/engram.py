@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moemesh.kernels import dispatch
 from moemesh.kernels.config import ModelConfig
 
 _SENTINEL = "\ue000"         # stands in for a lone space while the normalizer strips
@@ -297,7 +298,11 @@ class EngramMemory(nn.Module):
                              f"{tuple(hash_ids.shape)} {hash_ids.dtype}")
         if hash_ids.numel() and ((hash_ids < 0).any() or (hash_ids >= self.sizes).any()):
             raise ValueError("hash_ids: an index lies outside its head's table")
-        rows = F.embedding(hash_ids.long() + self.offsets, self.embed.weight)     # [N, O*H, head_dim]
+        hash_ids = hash_ids.long()
+        fast = dispatch.engram_lookup(hash_ids, self.offsets, self.embed.weight)  # device kernel; None on the CPU
+        if fast is not None:
+            return fast
+        rows = F.embedding(hash_ids + self.offsets, self.embed.weight)            # [N, O*H, head_dim]
         return rows.flatten(-2)
 
 
@@ -346,9 +351,11 @@ class EngramGate(nn.Module):
         rows = rows.to(dtype)
         v = F.linear(rows, self.value_proj.weight.to(dtype))                          # [T, D]
         k = F.linear(rows, self.key_proj.weight.to(dtype)).view(T, self.streams, self.dim)  # [T, S, D]
-        u = self._alpha(streams, k) * v[:, None, :]                                  # [T, S, D]
         if self.form != "paper":
-            return streams + u, None
+            fast = dispatch.engram_gate(streams, k, v, self.query_norm.weight, self.key_norm.weight,
+                                        self.eps)  # fused device kernel; None on the CPU
+            return (fast if fast is not None else streams + self._alpha(streams, k) * v[:, None, :]), None
+        u = self._alpha(streams, k) * v[:, None, :]                                  # [T, S, D]
         y, new_state = self._short_conv(u, conv_state)
         return streams + u + y, new_state
 

@@ -236,3 +236,91 @@ def test_ray_up_autoscales_and_ray_down_stops_only_this_cluster(config, bystande
     assert not cluster.path.exists()
     assert all(_alive(pid) for pid in bystander), "ray down stopped another cluster's processes"
     print(f"up + scale-up {seen['up_s']:.0f} s + scale-down {seen['down_s']:.0f} s + down: {time.time() - t0:.0f} s")
+
+
+def _scrape(address: str) -> dict[str, list[tuple[dict, float]]]:
+    """name -> [(labels, value)] of one Prometheus endpoint."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, list[tuple[dict, float]]] = {}
+    for family in text_string_to_metric_families(httpx.get(f"http://{address}/metrics", timeout=10).text):
+        for s in family.samples:
+            out.setdefault(s.name, []).append((s.labels, s.value))
+    return out
+
+
+@pytest.mark.timeout(900)
+def test_moemesh_on_ray_up_grows_replicas_onto_a_new_node_and_gives_both_back(config, tmp_path, tiny_model_dir,
+                                                                              http_load, wait_until):
+    """The acceptance run: `ray up`, `moemesh serve` the tiny model with expert autoscaling, a skewed HTTP load makes
+    a few experts hot; their replica actors ask for `expert_node`, which only an autoscaled node type has, so Ray's
+    autoscaler launches one; every request succeeds with the reference's text; once the load stops the replicas
+    drain and stop and the idle node is removed; `ray down` leaves no process."""
+    import httpx
+    import torch
+    from tokenizers import Tokenizer
+
+    import moemesh
+
+    path, cluster = config
+    _ray(["up", "-y", "--no-config-cache", str(path)], tmp_path / "up.log", os.environ, timeout=180)
+    sessions = {s for node in cluster.nodes().values() for s in node["sessions"]}
+    env = cluster.client_env()
+    port = _free_port()
+    on_head = {"resources": {"head_node": 1}}
+    deployment = {
+        "model": str(tiny_model_dir),
+        "attention": {"replicas": 2, "max_num_seqs": 8, "kv_cache_blocks": 1024,
+                      "placement": {"num_cpus": 0.25, **on_head}},
+        "experts": {"shards": 2, "placement": {"num_cpus": 0.25, **on_head},
+                    "autoscaling": {"interval_s": 2, "window_s": 4, "target_tokens_per_replica_s": 2.0,
+                                    "max_replicas": 2, "max_total_replicas": 2, "experts_per_actor": 2,
+                                    "upscale_cooldown_s": 0, "downscale_cooldown_s": 5,
+                                    "placement": {"num_cpus": 0.25, "resources": {"expert_node": 1}}}},
+        "engram": {"shards": 1, "placement": {"num_cpus": 0.25, **on_head}},
+        "ingress": {"port": port, "model_name": "tiny", "limits": {"max_worker_load": 1000}},
+    }
+    (tmp_path / "moemesh.yaml").write_text(yaml.safe_dump(deployment))
+    serve = subprocess.run([sys.executable, "-m", "moemesh.cluster.cli", "serve", str(tmp_path / "moemesh.yaml"),
+                            "--address", env["RAY_ADDRESS"], "--detach"], env=env, stdin=subprocess.DEVNULL,
+                           capture_output=True, text=True, timeout=400)
+    assert serve.returncode == 0, (serve.stdout + serve.stderr)[-4000:]
+    url = f"http://127.0.0.1:{port}/v1"
+    workers = lambda: [n for n in cluster.nodes().values() if n["tags"][KIND_TAG] == "worker"]  # noqa: E731
+    assert not workers()
+
+    reference = moemesh.load_model(tiny_model_dir)
+    decode = Tokenizer.from_file(f"{tiny_model_dir}/tokenizer.json").decode
+    g = torch.Generator().manual_seed(21)
+    hot = torch.randint(3, 40, (6,), generator=g).tolist()          # a few tokens, repeated: a few hot experts
+    prompts = [hot * k for k in (1, 2, 3)]
+    want = [decode(reference.generate(torch.tensor([p]), max_new_tokens=8, eos_token_id=None)[0, len(p):].tolist(),
+                   skip_special_tokens=True) for p in prompts]
+    targets = {t["labels"]["deployment"]: t["targets"][0] for t in httpx.get(f"{url.removesuffix('/v1')}/metrics/"
+                                                                               "targets", timeout=30).json()}
+    controller = targets["expert-controller"]
+
+    def gauge(name: str) -> float:
+        return sum(v for _, v in _scrape(controller).get(name, []))
+
+    load = http_load(url, prompts, 6, 8).start()
+    try:
+        wait_until("a replica actor serving", lambda: gauge("moemesh:replica_actors") >= 1, timeout_s=300)
+        assert workers(), "the replica actor runs, but no worker node was launched for it"
+        hot_experts = [labels for labels, v in _scrape(controller)["moemesh:expert_replicas"] if v > 1]
+        assert hot_experts and gauge("moemesh:autoscaler_decisions_total") >= 1
+        time.sleep(5)  # some requests with the replicas in the map
+    finally:
+        load.stop()
+    failed = [r for r in load.results if r[1] != 200]
+    assert load.results and not failed, failed[:3]
+    wrong = [(p, text, want[p]) for p, _, text in load.results if text != want[p]]
+    assert not wrong, wrong[:3]
+
+    wait_until("replicas gone after the load", lambda: gauge("moemesh:replica_actors") == 0, timeout_s=120)
+    wait_until("the idle worker node removed", lambda: not workers(), timeout_s=180, every_s=2)
+    sessions |= {s for node in cluster.nodes().values() for s in node["sessions"]}
+    _ray(["down", "-y", str(path)], tmp_path / "down.log", os.environ, timeout=180)
+    assert not _cluster_processes(cluster.path, sessions), _cluster_processes(cluster.path, sessions)
+    print(f"{len(load.results)} requests, hot experts {hot_experts}")
