@@ -25,6 +25,7 @@ from moemesh.actors.role_metrics import WorkerCollector, engram_latency_histogra
 from moemesh.actors.scheduler import SchedulerConfig
 from moemesh.actors.shard_health import RecoveryConfig
 from moemesh.actors.sequence import RequestParams
+from moemesh.kernels.device import resolve_device
 from moemesh.kernels.model import load_model
 from moemesh.proto.auth import GrpcSecurity
 from moemesh.proto.transport import GrpcTransport, Resolver
@@ -44,8 +45,8 @@ class AttentionWorker:
                  dtype: str = "float32", device: str = "cpu", engram_cache_rows: int = 65536,
                  security: GrpcSecurity | None = None, expert_resolver: Resolver | None = None,
                  engram_resolver: Resolver | None = None, recovery: RecoveryConfig | None = None):
-        self.model = load_model(model_dir, dtype=getattr(torch, dtype), device=device, with_experts=False,
-                                with_engram_tables=False)
+        self.model = load_model(model_dir, dtype=getattr(torch, dtype), device=resolve_device(device),
+                                with_experts=False, with_engram_tables=False)
         cfg = self.model.config
         self.io = IoLoop("attention-worker-io")
         assignment = [{int(k): list(v) for k, v in held.items()} for held in expert_assignment]

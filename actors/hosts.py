@@ -16,6 +16,7 @@ from moemesh.actors.expert_shard import BatchingConfig, ExpertShard, serve_exper
 from moemesh.actors.remote_step import IoLoop
 from moemesh.actors.role_metrics import EngramShardCollector, ExpertShardCollector, role_registry, serve_registry
 from moemesh.kernels.checkpoint import Checkpoint
+from moemesh.kernels.device import resolve_device
 from moemesh.proto.auth import GrpcSecurity
 
 
@@ -71,6 +72,7 @@ class ExpertShardHost(_GrpcHost):
                  port: int = 0, dtype: str = "float32", device: str = "cpu", batching: dict | None = None,
                  security: GrpcSecurity | None = None, expert_map_version: int = 0):
         super().__init__("expert-shard-io")
+        device = resolve_device(device)  # a clear DeviceUnavailable here, not a torch error mid-load
         ckpt = Checkpoint(model_dir)
         self.shard = ExpertShard.from_loader(ckpt.config, {int(k): list(v) for k, v in assignment.items()},
                                              ckpt.read_experts, dtype=getattr(torch, dtype), device=device,

@@ -81,6 +81,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default=None, help="override ingress.host")
     p.add_argument("--port", type=int, default=None, help="override ingress.port")
     p.add_argument("--detach", action="store_true", help="return once deployed (the app keeps running in Ray)")
+    p.add_argument("--wait-for-resources", action="store_true",
+                   help="deploy even if the cluster lacks the GPUs/NPUs the config asks for now (its autoscaler "
+                        "adds them); by default that is an error")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -96,7 +99,7 @@ def _serve(args: argparse.Namespace) -> int:
         config = config.model_copy(update={"ingress": config.ingress.model_copy(update=overrides)})
     from moemesh.cluster.app import deploy
 
-    url = deploy(config, args.address)
+    url = deploy(config, args.address, wait_for_resources=args.wait_for_resources)
     print(f"moemesh is serving {config.model} at {url} (OpenAI API); Ctrl-C stops it", flush=True)
     if args.detach:
         return 0
@@ -118,9 +121,14 @@ def _serve(args: argparse.Namespace) -> int:
 
 # ---- bench ---------------------------------------------------------------------------------------------------------
 def _bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("what", choices=["serve", "plan", "soak"],
+    p.add_argument("what", choices=["serve", "plan", "soak", "kernels"],
                    help="serve: served cluster vs in-process engine; plan: our planner vs the baselines on every "
-                        "topology preset; soak: steady load for --minutes, RSS of every role at start and end")
+                        "topology preset; soak: steady load for --minutes, RSS of every role at start and end; "
+                        "kernels: each fast-path kernel vs the reference on --device")
+    p.add_argument("--device", default="auto", help="kernels: cpu, cuda[:i], npu[:i] or auto (default)")
+    p.add_argument("--preset", default="tiny", help="kernels: shapes (tiny or v4-flash; default tiny)")
+    p.add_argument("--dtype", default="bfloat16", help="kernels: bfloat16 (default), float32 or float16")
+    p.add_argument("--repeat", type=int, default=20, help="kernels: timed runs per op (median reported)")
     p.add_argument("--quick", action="store_true", help="plan: H200 and NVL72 at Zipf 0.6 only")
     p.add_argument("config", nargs="?", help="deployment config YAML (default: the built-in tiny model)")
     p.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts (default 1,8,32)")
@@ -135,6 +143,13 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
 def _bench(args: argparse.Namespace) -> int:
     import os
 
+    if args.what == "kernels":
+        from moemesh.cluster.bench_report import write_section
+        from moemesh.kernels import bench_kernels
+
+        return bench_kernels.main(["--device", args.device, "--preset", args.preset, "--dtype", args.dtype,
+                                   "--repeat", str(args.repeat)] + (["--write", args.write] if args.write else []),
+                                  write_section=write_section)
     if args.what == "plan":
         from moemesh.cluster import bench_planner
 

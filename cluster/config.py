@@ -50,6 +50,22 @@ class Placement(_Strict):
     resources: dict[str, float] = Field(default_factory=dict, description="Other Ray resources, e.g. NPU or markers.")
     device: Literal["cpu", "cuda", "npu"] = Field("cpu", description="Torch device the role computes on.")
 
+    @model_validator(mode="after")
+    def _device_has_its_resource(self) -> "Placement":
+        """Ray hides devices a process did not ask for (CUDA_VISIBLE_DEVICES / ASCEND_RT_VISIBLE_DEVICES), so a
+        device needs its resource, and a device resource needs the device (else it is held and never used)."""
+        gpus, npus = self.num_gpus, self.resources.get("NPU", 0.0)
+        if self.device == "cuda" and gpus <= 0:
+            raise ValueError(f"device: 'cuda' needs num_gpus > 0 (Ray shows a process only the GPUs it asked for), "
+                             f"got num_gpus={gpus:g}")
+        if self.device == "npu" and npus <= 0:
+            raise ValueError(f"device: 'npu' needs resources.NPU > 0 (Ray shows a process only the NPUs it asked "
+                             f"for), got {self.resources!r}")
+        if self.device == "cpu" and (gpus > 0 or npus > 0):
+            raise ValueError(f"device: 'cpu' with num_gpus={gpus:g} / NPU={npus:g}: set device to 'cuda' or 'npu', "
+                             "or drop the accelerator")
+        return self
+
     def ray_options(self) -> dict:
         return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "resources": dict(self.resources)}
 

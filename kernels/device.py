@@ -229,6 +229,20 @@ def describe(device: torch.device) -> str:
 RAY_RESOURCE = {"cuda": "GPU", "npu": "NPU"}  # Ray resource that hands a process one device of that backend
 
 
+def local_accelerators() -> dict[str, float]:
+    """{"GPU": n, "NPU": n} this machine's torch can use (what a local Ray would offer). torch_npu is imported only
+    when it is installed, and a broken install (no CANN) counts as no NPU."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    npus = 0
+    if torch_npu_installed():
+        try:
+            load_torch_npu()
+            npus = torch.npu.device_count()
+        except DeviceUnavailable:
+            npus = 0
+    return {"GPU": float(gpus), "NPU": float(npus)}
+
+
 def accelerator_shortfall(requested: dict[str, float], available: dict[str, float]) -> str | None:
     """Ray resources a deployment asks for ({"GPU": 8, "NPU": 0}, summed over every process) against what the
     cluster has (`ray.cluster_resources()`) -> None if they fit, else a message naming what is missing."""

@@ -31,3 +31,25 @@ def test_bad_arguments_exit_2_with_one_line(tiny_model_dir, tmp_path):
     assert done.returncode == 2 and "top_p" in done.stderr and "Traceback" not in done.stderr
     done = _moemesh("generate", str(tmp_path), "--prompt", "x")
     assert done.returncode == 2 and "config.json" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_serve_asking_for_gpus_or_npus_fails_clearly_where_there_are_none(tiny_model_dir, tmp_path):
+    """This machine has no GPU or NPU: `moemesh serve` refuses before starting any Ray, naming what is missing."""
+    import yaml
+
+    for name, placement, needs in (("gpu", {"num_gpus": 1, "device": "cuda"}, "4 GPU"),
+                                   ("npu", {"resources": {"NPU": 1}, "device": "npu"}, "4 NPU")):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({"model": str(tiny_model_dir), "attention": {"replicas": 2,
+                                        "placement": placement}, "experts": {"shards": 2, "placement": placement}}))
+        done = _moemesh("serve", str(path), "--port", "0")
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert f"the config requests {needs} but the cluster has 0" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr and "Started a local Ray instance" not in done.stderr + done.stdout
+
+
+def test_bench_kernels_reports_the_reference_path_on_the_cpu():
+    done = _moemesh("bench", "kernels", "--device", "cpu", "--dtype", "float32", "--repeat", "2")
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "reference" in line]
+    assert {r.split("|")[1].strip() for r in rows} >= {"rms_norm", "routed_experts", "sink_attention", "engram_gate"}
