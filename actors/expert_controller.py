@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import secrets
 import time
 from collections import Counter, deque
 from collections.abc import Mapping, Sequence
@@ -36,6 +37,7 @@ from prometheus_client import CollectorRegistry, Counter as PromCounter, Gauge
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from moemesh.cluster.plan_place import water_fill
+from moemesh.kernels.device_rules import check_device_resources
 
 log = logging.getLogger("moemesh.controller")
 Key = tuple[int, int]  # (layer, expert)
@@ -50,6 +52,11 @@ class ReplicaPlacement(BaseModel):
     num_gpus: float = Field(0.0, ge=0, description="GPUs each replica actor reserves.")
     resources: dict[str, float] = Field(default_factory=dict, description="Other Ray resources, e.g. {NPU: 1}.")
     device: Literal["cpu", "cuda", "npu"] = Field("cpu", description="Torch device the replicas compute on.")
+
+    @model_validator(mode="after")
+    def _device_has_its_resource(self) -> "ReplicaPlacement":
+        check_device_resources(self.device, self.num_gpus, self.resources)
+        return self
 
 
 class AutoscalingConfig(BaseModel):
@@ -138,20 +145,24 @@ class Decision:
 
 
 def wanted_holders(cfg: AutoscalingConfig, rates: Mapping[Key, float], holders: Mapping[Key, int],
-                   now: float, last_up: Mapping[Key, float], last_down: Mapping[Key, float]) -> dict[Key, int]:
-    """Holders wanted per (layer, expert) of `holders` (the current counts, base copy included), from `rates`
-    (tokens/s). Only keys whose count should change are returned. Pure."""
+                   now: float, last_up: Mapping[Key, float], last_down: Mapping[Key, float],
+                   base: Mapping[Key, int] | None = None) -> dict[Key, int]:
+    """Holders wanted per (layer, expert) of `holders` (the current counts, base copies included), from `rates`
+    (tokens/s). `base`: copies the base shards hold (default 1 each); never asked to go below them, and only holders
+    beyond them count against `max_total_replicas`. Only keys whose count should change are returned. Pure."""
+    base = {k: (base or {}).get(k, 1) for k in holders}
     if cfg.mode == "rebalance":
-        return _rebalance(cfg, rates, holders)
+        return _rebalance(cfg, rates, holders, base)
     total_rate = sum(rates.values())
     want: dict[Key, int] = {}
     for key, cur in holders.items():
         rate = rates.get(key, 0.0)
-        need = min(max(math.ceil(rate / cfg.target_tokens_per_replica_s), cfg.min_replicas), cfg.max_replicas)
-        if cur < cfg.min_replicas:
-            want[key] = cfg.min_replicas
-        elif cur > cfg.max_replicas:
-            want[key] = cfg.max_replicas
+        floor, ceiling = max(cfg.min_replicas, base[key]), max(cfg.max_replicas, base[key])
+        need = min(max(math.ceil(rate / cfg.target_tokens_per_replica_s), floor), ceiling)
+        if cur < floor:
+            want[key] = floor
+        elif cur > ceiling:
+            want[key] = ceiling
         elif need > cur and total_rate >= cfg.min_rate \
                 and rate > cfg.target_tokens_per_replica_s * cur * (1 + cfg.hysteresis) \
                 and now - last_up.get(key, -math.inf) >= cfg.upscale_cooldown_s:
@@ -159,34 +170,43 @@ def wanted_holders(cfg: AutoscalingConfig, rates: Mapping[Key, float], holders: 
         elif need < cur and rate < cfg.target_tokens_per_replica_s * (cur - 1) * (1 - cfg.hysteresis) \
                 and now - max(last_up.get(key, -math.inf), last_down.get(key, -math.inf)) \
                 >= cfg.downscale_cooldown_s:
-            want[key] = max(need, cfg.min_replicas)
-    return _within_budget(cfg, rates, holders, want)
+            want[key] = need
+    return _within_budget(cfg, rates, holders, want, base)
 
 
 def _within_budget(cfg: AutoscalingConfig, rates: Mapping[Key, float], holders: Mapping[Key, int],
-                   want: dict[Key, int]) -> dict[Key, int]:
-    """Cut extra replicas (holders beyond 1) to `max_total_replicas`, one at a time from the expert whose last holder
-    helps least (lowest load per holder), growing ones and, when the budget was lowered, existing ones alike."""
+                   want: dict[Key, int], base: Mapping[Key, int]) -> dict[Key, int]:
+    """Cut extra replicas (holders beyond the base copies) to `max_total_replicas`, one at a time from the expert
+    whose last holder helps least (lowest load per holder), growing ones and, when the budget was lowered, existing
+    ones alike."""
     final = {**holders, **want}
-    over = sum(n - 1 for n in final.values()) - cfg.max_total_replicas
+    over = sum(n - base[k] for k, n in final.items()) - cfg.max_total_replicas
     while over > 0:
-        key = min((k for k, n in final.items() if n > 1), key=lambda k: (rates.get(k, 0.0) / final[k], k))
+        key = min((k for k, n in final.items() if n > base[k]), key=lambda k: (rates.get(k, 0.0) / final[k], k))
         final[key] -= 1
         over -= 1
     return {k: n for k, n in final.items() if n != holders[k]}
 
 
-def _rebalance(cfg: AutoscalingConfig, rates: Mapping[Key, float], holders: Mapping[Key, int]) -> dict[Key, int]:
-    """Water-fill `max_total_replicas` extra holders over all experts by load per holder (capped at max_replicas);
-    returned only if it lowers the busiest holder's load by `rebalance_min_gain`."""
+def _rebalance(cfg: AutoscalingConfig, rates: Mapping[Key, float], holders: Mapping[Key, int],
+               base: Mapping[Key, int]) -> dict[Key, int]:
+    """Water-fill `max_total_replicas` extra holders over all experts by load per holder (capped at max_replicas,
+    never below the base copies); returned only if it lowers the busiest holder's load by `rebalance_min_gain`, or
+    when the budget was lowered below what is running (then always)."""
     keys = sorted(holders)
-    if not keys or sum(rates.get(k, 0.0) for k in keys) < cfg.min_rate:
+    if not keys:
+        return {}
+    cur = np.array([holders[k] for k in keys])
+    floor = np.array([max(base[k], cfg.min_replicas) for k in keys])
+    over_budget = (cur - floor).sum() > cfg.max_total_replicas  # the budget was lowered: comply whatever the load
+    idle = sum(rates.get(k, 0.0) for k in keys) < cfg.min_rate
+    if idle and not over_budget:
         return {}
     w = np.array([[max(rates.get(k, 0.0), 1e-9) for k in keys]])
-    counts = water_fill(w, np.array([len(keys) + cfg.max_total_replicas]))[0]
-    counts = np.clip(counts, cfg.min_replicas, cfg.max_replicas)
-    cur = np.array([holders[k] for k in keys])
-    over_budget = (cur - 1).sum() > cfg.max_total_replicas  # the budget was lowered: comply whatever the gain
+    counts = water_fill(w, np.array([int(floor.sum()) + cfg.max_total_replicas]))[0]
+    counts = np.maximum(np.minimum(counts, np.maximum(cfg.max_replicas, floor)), floor)
+    if idle:  # no evidence of load: only take the surplus away, keep what fits the budget as it is
+        return _within_budget(cfg, rates, holders, {}, base)
     if not over_budget and (w[0] / counts).max() > (1 - cfg.rebalance_min_gain) * (w[0] / cur).max():
         return {}
     return {k: int(c) for k, c, h in zip(keys, counts, cur) if c != h}
@@ -302,6 +322,7 @@ class ExpertController:
         self._last_up: dict[Key, float] = {}
         self._last_down: dict[Key, float] = {}
         self._names = 0
+        self._run_id = secrets.token_hex(3)  # replica names are unique across controller restarts
         self._seen: dict[str, dict] = {}  # worker -> what the last tick read (None: unreachable)
         self._lock = asyncio.Lock()
         self.metrics = ControllerMetrics(registry or CollectorRegistry())
@@ -347,6 +368,7 @@ class ExpertController:
             states = await self._gather({n: w.expert_map_state() for n, w in self.workers.items()})
             if self.version == 0 and states:  # a restarted controller continues the workers' numbering
                 self.version = max(s["version"] for s in states.values())
+            await self._forget_strangers(states)
             loads = await self._gather({n: w.expert_loads() for n, w in self.workers.items()})
             self._seen = {n: {"version": states[n]["version"] if n in states else None,
                               "tokens": sum(loads[n].values()) if n in loads else None} for n in self.workers}
@@ -354,7 +376,7 @@ class ExpertController:
             rates = self.meter.rates()
             await self._drop_dead()
             holders = self.holders()
-            want = wanted_holders(self.cfg, rates, holders, now, self._last_up, self._last_down)
+            want = wanted_holders(self.cfg, rates, holders, now, self._last_up, self._last_down, self.base)
             decisions = await self._apply(want, rates, holders, now) if want else []
             stale = [n for n, s in states.items() if s["version"] < self.version]
             if stale and not decisions:
@@ -402,7 +424,8 @@ class ExpertController:
         actors = []
         for keys in new_sets:
             self._names += 1
-            actors.append(ReplicaActor(f"replica-{self._names}", frozenset(keys), version, active=set(keys)))
+            actors.append(ReplicaActor(f"replica-{self._run_id}-{self._names}", frozenset(keys), version,
+                                       active=set(keys)))
         if not actors:
             return []
         results = await asyncio.gather(
@@ -447,6 +470,17 @@ class ExpertController:
         await asyncio.gather(*(self.backend.stop(n) for n in names), return_exceptions=True)
         for n in names:
             self.actors.pop(n, None)
+
+    async def _forget_strangers(self, states: dict[str, dict]) -> None:
+        """Replicas in workers' maps that this controller did not start (its previous life's, which died with it):
+        a new map version without them, then their channels are released."""
+        strangers = sorted({n for s in states.values() for n in s["shards"] if n not in self.actors})
+        if not strangers:
+            return
+        log.warning("workers route to replicas %s that this controller does not own; dropping them", strangers)
+        self.version += 1
+        await self._install()
+        await self._gather({n: w.release_shards(strangers) for n, w in self.workers.items()})
 
     async def _drop_dead(self) -> None:
         """Replica actors that died leave the map (a new version); their experts keep their other holders."""

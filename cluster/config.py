@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from moemesh.actors.expert_controller import AutoscalingConfig
 from moemesh.actors.openai_protocol import IngressLimits
 from moemesh.kernels.config import describe_validation_error
+from moemesh.kernels.device_rules import check_device_resources
 from moemesh.proto.auth import GrpcSecurity, TlsFiles
 
 MIN_API_KEY_LENGTH = 16
@@ -52,18 +53,7 @@ class Placement(_Strict):
 
     @model_validator(mode="after")
     def _device_has_its_resource(self) -> "Placement":
-        """Ray hides devices a process did not ask for (CUDA_VISIBLE_DEVICES / ASCEND_RT_VISIBLE_DEVICES), so a
-        device needs its resource, and a device resource needs the device (else it is held and never used)."""
-        gpus, npus = self.num_gpus, self.resources.get("NPU", 0.0)
-        if self.device == "cuda" and gpus <= 0:
-            raise ValueError(f"device: 'cuda' needs num_gpus > 0 (Ray shows a process only the GPUs it asked for), "
-                             f"got num_gpus={gpus:g}")
-        if self.device == "npu" and npus <= 0:
-            raise ValueError(f"device: 'npu' needs resources.NPU > 0 (Ray shows a process only the NPUs it asked "
-                             f"for), got {self.resources!r}")
-        if self.device == "cpu" and (gpus > 0 or npus > 0):
-            raise ValueError(f"device: 'cpu' with num_gpus={gpus:g} / NPU={npus:g}: set device to 'cuda' or 'npu', "
-                             "or drop the accelerator")
+        check_device_resources(self.device, self.num_gpus, self.resources)
         return self
 
     def ray_options(self) -> dict:

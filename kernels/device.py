@@ -30,6 +30,8 @@ from typing import Literal
 
 import torch
 
+from moemesh.kernels.device_rules import check_device_resources  # noqa: F401 - re-exported
+
 KernelPath = Literal["reference", "triton", "torch_npu"]
 BACKENDS = ("cpu", "cuda", "npu")
 _NPU_INSTALL = ("install the `ascend` extra (pip install 'moemesh[ascend]'; pick the torch_npu release matching your "

@@ -160,14 +160,22 @@ class GrpcTransport(ExpertTransport):
         self.security = security or GrpcSecurity()
         options = reconnect_options(max_message_bytes, backoff_s, int(backoff_s * 1000) * 2 ** retries)
         self.pool = ChannelPool(addresses, self.security, options, resolver, what="shard")
+        self._released: set[ShardId] = set()
 
     @property
     def addresses(self) -> dict[ShardId, str]:
         return self.pool.addresses
 
     async def dispatch(self, shard: ShardId, batch: TokenBatch) -> torch.Tensor:
+        if shard in self._released:  # a replica the controller stopped: its holders' other copies take the tokens
+            raise errors.Unavailable(f"shard {shard!r} was released (dropped from the expert map)")
         stub = self.pool.stub(shard, expert_pb2_grpc.ExpertShardStub)
-        reply = await self._call(stub.Dispatch, codec.encode_dispatch(batch))  # encoded once, reused by retries
+        try:
+            reply = await self._call(stub.Dispatch, codec.encode_dispatch(batch))  # encoded once, reused by retries
+        except errors.RemoteError as e:
+            if shard in self._released and e.code == grpc.StatusCode.CANCELLED:  # its channel closed under the call
+                raise errors.Unavailable(f"shard {shard!r} was released during the call") from None
+            raise
         return codec.decode_dispatch_reply(reply)
 
     async def _call(self, method, request: expert_pb2.DispatchRequest) -> expert_pb2.DispatchReply:
@@ -189,6 +197,8 @@ class GrpcTransport(ExpertTransport):
             attempt += 1
 
     async def health(self, shard: ShardId, timeout_s: float) -> bool:
+        if shard in self._released or shard not in self.pool.addresses:
+            return False
         try:
             reply = await self.pool.stub(shard, health_pb2_grpc.HealthStub).Check(
                 health_pb2.HealthCheckRequest(), timeout=timeout_s, metadata=self.security.metadata)
@@ -201,8 +211,12 @@ class GrpcTransport(ExpertTransport):
 
     def add(self, shard: ShardId, address: str) -> None:
         self.pool.add(shard, address)
+        self._released.discard(shard)
 
     async def remove(self, shard: ShardId) -> None:
+        """Forget `shard`: calls still under way on it, and any later ones, fail as Unavailable (so the Dispatcher
+        sends their tokens to the experts' other holders)."""
+        self._released.add(shard)
         await self.pool.remove(shard)
 
     async def close(self) -> None:

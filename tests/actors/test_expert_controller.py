@@ -221,3 +221,25 @@ def test_a_lowered_budget_removes_the_replicas_that_help_least():
     want = wanted_holders(cfg, {(0, 0): 300.0, (0, 1): 60.0}, {(0, 0): 3, (0, 1): 2}, now=0, last_up=NEVER,
                           last_down=NEVER)
     assert want == {(0, 0): 2, (0, 1): 1}
+
+
+def test_experts_the_base_shards_hold_twice_never_shrink_below_that_and_cost_no_budget():
+    base = {(0, 0): 2, (0, 1): 1}
+    cfg = CFG.model_copy(update={"max_total_replicas": 1})
+    # idle: (0, 0) stays at its 2 base copies (no negative extras); 500 tok/s on (0, 1): one extra within budget 1
+    assert wanted_holders(cfg, {}, {(0, 0): 2, (0, 1): 1}, now=1e6, last_up=NEVER, last_down=NEVER, base=base) == {}
+    assert wanted_holders(cfg, {(0, 1): 500.0}, {(0, 0): 2, (0, 1): 1}, now=0, last_up=NEVER, last_down=NEVER,
+                          base=base) == {(0, 1): 2}
+    reb = cfg.model_copy(update={"mode": "rebalance", "max_total_replicas": 0})
+    assert wanted_holders(reb, {}, {(0, 0): 2, (0, 1): 2}, now=0, last_up=NEVER, last_down=NEVER, base=base) == \
+        {(0, 1): 1}  # idle, but the budget was lowered below what runs: the extra goes, the base copies stay
+
+
+def test_a_restarted_controller_drops_replicas_it_does_not_own_from_the_workers():
+    log = []
+    workers = {"w0": _Worker("w0", log, {})}
+    workers["w0"].version, workers["w0"].replicas = 7, {"replica-old-1": {0: [0]}}  # the previous controller's
+    ctl = ExpertController(CFG, [{0: [0, 1]}], 2, workers, _Backend(log), clock=lambda: 0.0)
+    asyncio.run(ctl.tick())
+    assert ctl.version == 8 and workers["w0"].version == 8 and workers["w0"].replicas == {}
+    assert ("release", "w0", ["replica-old-1"]) in log
