@@ -284,7 +284,7 @@ def build_app(config: DeploymentConfig):
                    for spec in (config.experts.assignment or [None] * len(assignment))]
     batching = {"max_wait_s": config.experts.batch_wait_ms / 1000, "max_tokens": config.experts.max_batch_tokens}
     experts = [serve.deployment(**_options(f"expert-shard-{i}", place))(ExpertShardReplica)
-               .bind(model_dir, held, config.grpc_host, batching=batching, security=security)
+               .bind(model_dir, held, config.grpc_host, device=place.device, batching=batching, security=security)
                for i, (held, place) in enumerate(zip(assignment, shard_place))]
     ranges = engram_layout(mcfg, config.engram.shards) if mcfg.has_engram else []
     engram = [[serve.deployment(**_options(f"engram-shard-{s}-{r}", config.engram.placement))(EngramShardReplica)
@@ -326,15 +326,26 @@ def required_cpus(config: DeploymentConfig) -> float:
             + config.engram.shards * config.engram.replicas * config.engram.placement.num_cpus + 0.5)
 
 
-def deploy(config: DeploymentConfig, address: str | None = None) -> str:
-    """Connect to (or start) Ray, start Serve's HTTP proxy and deploy; returns the API's base URL."""
+def deploy(config: DeploymentConfig, address: str | None = None, wait_for_resources: bool = False) -> str:
+    """Connect to (or start) Ray, check the cluster has the GPUs/NPUs the config asks for (unless
+    `wait_for_resources`: an autoscaling cluster adds them), start Serve's HTTP proxy and deploy; returns the API's
+    base URL."""
     import ray
+
+    from moemesh.cluster.preflight import check_accelerators, requested_accelerators
 
     if not ray.is_initialized():
         if address:
             ray.init(address=address, namespace="moemesh")
         else:  # a laptop: a local Ray sized (logically) for every role
+            wanted = requested_accelerators(config)
+            if not wait_for_resources and any(wanted.values()):  # before starting a local Ray for nothing
+                from moemesh.kernels.device import local_accelerators
+
+                check_accelerators(config, local_accelerators())
             ray.init(num_cpus=max(os.cpu_count() or 1, int(required_cpus(config)) + 1), namespace="moemesh")
+    if not wait_for_resources:
+        check_accelerators(config, ray.cluster_resources())
     serve.start(http_options={"host": config.ingress.host, "port": config.ingress.port})
     serve.run(build_app(config), name="moemesh", route_prefix="/")
     return f"http://{config.ingress.host}:{config.ingress.port}/v1"
