@@ -85,6 +85,8 @@ class AutoscalingConfig(BaseModel):
                                       "busiest holder's load by this share.")
     min_rate: float = Field(1.0, ge=0, description="Total tokens/s below which no decision is taken except shrinking "
                             "(no load: no evidence).")
+    pool_ttl_s: float = Field(10.0, gt=0, description="An autoscaled attention replica (`attention-pool`) that has "
+                              "not reported its map state for this long counts as gone.")
     start_timeout_s: float = Field(600.0, gt=0, description="How long a new replica actor may take to start, a node "
                                    "launch by Ray's autoscaler included; after it the change is abandoned.")
     drain_timeout_s: float = Field(120.0, gt=0, description="How long to wait for dispatches under an old map "
@@ -324,6 +326,8 @@ class ExpertController:
         self._names = 0
         self._run_id = secrets.token_hex(3)  # replica names are unique across controller restarts
         self._seen: dict[str, dict] = {}  # worker -> what the last tick read (None: unreachable)
+        self.pool: dict[str, tuple[float, dict]] = {}  # autoscaled attention replica -> (last report, map state)
+        self._pool_loads: dict[str, dict[Key, int]] = {}
         self._lock = asyncio.Lock()
         self.metrics = ControllerMetrics(registry or CollectorRegistry())
 
@@ -335,6 +339,24 @@ class ExpertController:
     def replicas(self) -> dict[str, dict[int, list[int]]]:
         """{replica actor: {layer: expert ids}} of the map in force (actors with nothing active left out)."""
         return {a.name: a.assignment(a.active) for a in self.actors.values() if a.active}
+
+    def pool_sync(self, name: str, state: dict, loads: Mapping[str, int]) -> dict:
+        """An autoscaled attention replica reports its map state and cumulative expert loads and gets the map in
+        force back ({version, replicas, addresses}); it installs it itself (docs/serving.md). Synchronous, so the
+        answer is one consistent map."""
+        self.pool[name] = (self.clock(), dict(state))
+        self._pool_loads[name] = {_key(k): int(v) for k, v in loads.items()}
+        replicas = self.replicas()
+        return {"version": self.version, "replicas": replicas,
+                "addresses": {n: self.actors[n].address for n in replicas}}
+
+    def _live_pool(self) -> dict[str, dict]:
+        """Pool replicas heard from within `pool_ttl_s` (the others are forgotten)."""
+        now = self.clock()
+        for name in [n for n, (t, _) in self.pool.items() if now - t > self.cfg.pool_ttl_s]:
+            del self.pool[name]
+            self._pool_loads.pop(name, None)
+        return {n: st for n, (_, st) in self.pool.items()}
 
     def configure(self, **changes) -> AutoscalingConfig:
         """Change policy fields live (validated like the config file); the next tick uses them."""
@@ -366,13 +388,15 @@ class ExpertController:
         async with self._lock:
             now = self.clock()
             states = await self._gather({n: w.expert_map_state() for n, w in self.workers.items()})
-            if self.version == 0 and states:  # a restarted controller continues the workers' numbering
-                self.version = max(s["version"] for s in states.values())
+            pool = self._live_pool()
+            if self.version == 0 and (states or pool):  # a restarted controller continues the workers' numbering
+                self.version = max(s["version"] for s in [*states.values(), *pool.values()])
             await self._forget_strangers(states)
             loads = await self._gather({n: w.expert_loads() for n, w in self.workers.items()})
             self._seen = {n: {"version": states[n]["version"] if n in states else None,
                               "tokens": sum(loads[n].values()) if n in loads else None} for n in self.workers}
-            self.meter.add(now, {n: {_key(k): v for k, v in c.items()} for n, c in loads.items()})
+            self.meter.add(now, {**{n: {_key(k): v for k, v in c.items()} for n, c in loads.items()},
+                                 **self._pool_loads})  # each pool replica counts as one more worker
             rates = self.meter.rates()
             await self._drop_dead()
             holders = self.holders()
@@ -458,7 +482,8 @@ class ExpertController:
         deadline = loop.time() + self.cfg.drain_timeout_s
         while loop.time() < deadline:
             states = await self._gather({n: w.expert_map_state() for n, w in self.workers.items()})
-            old = {n: s for n, s in states.items() if s["version"] < self.version
+            reports = {**states, **self._live_pool()}  # pool replicas report every couple of seconds
+            old = {n: s for n, s in reports.items() if s["version"] < self.version
                    or any(v < self.version for v in s["in_use"])}
             if not old:
                 break

@@ -85,17 +85,39 @@ class Worker(Protocol):
     async def abort(self, request_id: str) -> None: ...
 
 
+@runtime_checkable
+class ElasticWorker(Worker, Protocol):
+    """A `Worker` over a pool of replicas that grows and shrinks by itself (Serve's autoscaler), each sequence going
+    to one of them. The router fills the fixed workers first: it sends work here only when every fixed worker holds
+    `spill_at` sequences or more, so the pool's load is the overflow and the pool empties when the fixed workers
+    suffice.
+
+    - `replicas()`: how many serve now (a cached count, cheap). At 0 the router does not call `load` (the call would
+      wait for a replica) and, when it would have spilled, calls `wake()`: start a replica (without waiting for it;
+      the request goes to a fixed worker meanwhile).
+    - `load()`: sequences per replica.
+    """
+
+    spill_at: float
+
+    def replicas(self) -> int: ...
+
+    def wake(self) -> None: ...
+
+
 # ---- routing -------------------------------------------------------------------------------------------------------
 class LeastLoadedRouter:
     """Picks the worker with the smallest `load()`; ties go round-robin. Workers that fail or do not answer within
     `timeout_s` are skipped for this pick; with none left the request gets 503. With `max_load`, a request that
-    finds every answering worker at or above it gets 429 (Retry-After `retry_after_s`) instead of queueing."""
+    finds every answering worker at or above it gets 429 (Retry-After `retry_after_s`) instead of queueing.
+    An `ElasticWorker` (a pool) is a candidate only while no fixed worker is below its `spill_at`."""
 
     def __init__(self, workers: Sequence[Worker], timeout_s: float = 2.0, max_load: float | None = None,
                  retry_after_s: int = 1):
         if not workers:
             raise ValueError("workers: at least one is needed")
         self.workers = list(workers)
+        self._elastic = [isinstance(w, ElasticWorker) for w in self.workers]
         self._timeout_s, self._max_load, self._retry_after_s = timeout_s, max_load, retry_after_s
         self._next = 0
         self._down_until: dict[int, float] = {}  # worker index -> monotonic time until which it is skipped
@@ -108,17 +130,20 @@ class LeastLoadedRouter:
                 self._down_until[i] = time.monotonic() + for_s
 
     async def loads(self) -> list[float | None]:
-        """Each worker's load, None where it failed, timed out or is marked down."""
+        """Each worker's load, None where it failed, timed out, is marked down or is a pool with no replica."""
         now = time.monotonic()
-        return list(await asyncio.gather(*(self._load(w) if self._down_until.get(i, 0.0) <= now else _none()
-                                           for i, w in enumerate(self.workers))))
+        asked = [self._down_until.get(i, 0.0) <= now and (not self._elastic[i] or w.replicas() > 0)
+                 for i, w in enumerate(self.workers)]
+        return list(await asyncio.gather(*(self._load(w) if ask else _none()
+                                           for w, ask in zip(self.workers, asked))))
 
     async def pick(self, exclude: Sequence[Worker] = (), limit: bool = True) -> Worker:
-        """The least loaded worker not in `exclude`; `limit=False` ignores `max_load` (a re-admitted request was
-        already admitted once)."""
+        """The least loaded worker not in `exclude` (pools only once the fixed workers are full, see
+        `ElasticWorker`); `limit=False` ignores `max_load` (a re-admitted request was already admitted once)."""
         loads = await self.loads()
         alive = [i for i, load in enumerate(loads)
                  if load is not None and not any(self.workers[i] is w for w in exclude)]
+        alive = self._spill(alive, loads, exclude)
         if not alive:
             raise unavailable("no attention worker is available", code="no_worker")
         best = min(loads[i] for i in alive)
@@ -129,6 +154,15 @@ class LeastLoadedRouter:
         chosen = min((i for i in alive if loads[i] == best), key=lambda i: (i - self._next) % n)
         self._next = (chosen + 1) % n
         return self.workers[chosen]
+
+    def _spill(self, alive: list[int], loads: list[float | None], exclude: Sequence[Worker]) -> list[int]:
+        """`alive` without the pools the fixed workers do not overflow into yet; wakes an empty pool they would."""
+        fixed_best = min((loads[i] for i in alive if not self._elastic[i]), default=math.inf)
+        for i, w in enumerate(self.workers):
+            if (self._elastic[i] and fixed_best >= w.spill_at and w.replicas() == 0
+                    and not any(w is x for x in exclude)):
+                w.wake()
+        return [i for i in alive if not self._elastic[i] or fixed_best >= self.workers[i].spill_at]
 
     async def _load(self, worker: Worker) -> float | None:
         try:

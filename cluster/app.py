@@ -2,23 +2,30 @@
 
 Every role is a Serve deployment of one replica, so each process is addressable and Serve restarts what dies:
 `expert-shard-{i}`, `engram-shard-{s}-{r}` (shard s, replica r), `attention-worker-{k}` (data-parallel rank k), and
-`ingress` (FastAPI, least-loaded routing over the ranks). Shards report their gRPC address; attention workers then
-talk to them directly over gRPC, never through Ray, carrying the deployment's cluster token (generated here unless
-configured, handed to every shard and worker as an init argument, i.e. through Ray), over TLS when configured. The
-classes here only add the Ray edge (handles -> addresses, node ids) to the plain classes in `moemesh.actors`.
+`ingress` (FastAPI, least-loaded routing over the ranks). The one exception is `attention-pool` (with
+`attention.autoscaling`): extra ranks as the replicas of one deployment that Serve's autoscaler sizes
+(cluster/serve_policy.py); the ingress sees the pool as one more worker and Serve picks its replica per sequence.
+Shards report their gRPC address; attention workers then talk to them directly over gRPC, never through Ray,
+carrying the deployment's cluster token (generated here unless configured, handed to every shard and worker as an init
+argument, i.e. through Ray), over TLS when configured. The classes here only add the Ray edge (handles -> addresses,
+node ids) to the plain classes in `moemesh.actors`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 import os
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ray import exceptions as ray_errors
 from ray import serve
 from ray.serve import exceptions as serve_errors
+from ray.serve.schema import ReplicaState
 
 from moemesh.actors.attention_worker import AttentionWorker
 from moemesh.actors.engram_service import engram_layout
@@ -30,6 +37,7 @@ from moemesh.actors.openai_protocol import IngressLimits
 from moemesh.actors.role_metrics import role_registry, serve_registry
 from moemesh.actors.text_codec import TextCodec
 from moemesh.cluster.config import DeploymentConfig, Placement
+from moemesh.cluster.serve_policy import POLICY_PATH, RecentTtft, pool_stats
 from moemesh.kernels.config import ModelConfig
 from moemesh.proto.auth import GrpcSecurity
 
@@ -41,6 +49,12 @@ RESOLVE_TIMEOUT_S = 2.0  # one address lookup through a handle (a restarting sha
 WORKER_LOST = (ray_errors.RayActorError, ray_errors.ObjectLostError, serve_errors.ReplicaUnavailableError,
                serve_errors.DeploymentUnavailableError)
 TINY_CACHE = Path(os.environ.get("MOEMESH_CACHE", Path.home() / ".cache" / "moemesh")) / "models" / "tiny"
+POOL = "attention-pool"  # the deployment of the attention pool's replicas
+EXPERT_MAP_SYNC_S = 2.0  # a pool replica asks the expert controller for the map in force this often
+WAKE_TIMEOUT_S = 600.0  # how long the ingress's call that starts an empty pool may wait for its first replica
+# Ray's variable: how often a replica pushes its autoscaling stats (Ray's default 10 s); set for pool replicas only
+STATS_PUSH_ENV = "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"
+log = logging.getLogger(__name__)
 
 
 def _node_id() -> str:
@@ -104,6 +118,59 @@ class AttentionWorkerReplica(_RoleEdge, AttentionWorker):
             return await asyncio.get_running_loop().run_in_executor(
                 self._resolve_pool, lambda: handle.grpc_address.remote().result(timeout_s=RESOLVE_TIMEOUT_S))
         return resolve
+
+
+class AttentionPoolReplica(AttentionWorkerReplica):
+    """One replica of `attention-pool`: an extra rank that Serve's autoscaler adds and removes. It reports its queue
+    and recent p90 TTFT to Serve (`record_autoscaling_stats`, read by cluster/serve_policy.py). With an expert
+    controller it pulls the expert map (`_follow_expert_map`): the pool's handle reaches an arbitrary replica, so the
+    controller cannot push maps to one pool replica as it does to each fixed rank."""
+
+    async def __init__(self, *args, look_back_s: float, controller=None, **kw):
+        await AttentionWorkerReplica.__init__(self, *args, **kw)
+        self.ttft = RecentTtft(look_back_s)
+        self._follow = None if controller is None else asyncio.get_running_loop().create_task(
+            self._follow_expert_map(controller))
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: dict) -> AsyncIterator[dict]:
+        start, first = time.monotonic(), True
+        deltas = AttentionWorkerReplica.generate(self, request_id, prompt_token_ids, params)
+        try:
+            async for delta in deltas:
+                if first and delta["token_ids"]:
+                    self.ttft.add(time.monotonic() - start)
+                    first = False
+                yield delta
+        finally:
+            await deltas.aclose()  # closing this stream early frees the sequence now, not when collected
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's hook, called every few seconds on this replica."""
+        return pool_stats(await self.load(), self.ttft.p90())
+
+    async def _follow_expert_map(self, controller) -> None:
+        """Every `EXPERT_MAP_SYNC_S`: send this replica's map state and expert loads to the controller, which answers
+        with the map in force (`pool_sync`, docs/serving.md); install it when newer, and close the channels to replicas
+        that left the map once no dispatch runs under an older one. Until the first answer the base shards serve
+        every expert, which is always correct."""
+        name = f"{POOL}#{serve.get_replica_context().replica_id.unique_id}"
+        added: set[str] = set()
+        failing = None
+        while True:
+            try:
+                state, loads = await self.expert_map_state(), await self.expert_loads()
+                current = await controller.pool_sync.remote(name, state, loads)
+                if current["version"] > state["version"]:
+                    await self.install_expert_map(current["version"], current["replicas"], current["addresses"])
+                    added |= set(current["replicas"])
+                elif all(v >= state["version"] for v in state["in_use"]):
+                    added -= set(await self.release_shards(sorted(added - set(current["replicas"]))))
+                failing = None
+            except Exception as e:  # noqa: BLE001 - retried; the map in force stays correct meanwhile
+                if repr(e) != failing:
+                    log.warning("%s: expert map sync failed (retrying every %gs): %r", name, EXPERT_MAP_SYNC_S, e)
+                failing = repr(e)
+            await asyncio.sleep(EXPERT_MAP_SYNC_S)
 
 
 class RayReplicaBackend:
@@ -190,6 +257,10 @@ class ExpertControllerReplica(_RoleEdge):
     def state(self) -> dict:
         return self.controller.state()
 
+    def pool_sync(self, name: str, state: dict, loads: dict) -> dict:
+        """An `attention-pool` replica's report -> the expert map in force (see ExpertController.pool_sync)."""
+        return self.controller.pool_sync(name, state, loads)
+
     def configure(self, changes: dict) -> dict:
         """Change policy fields live (e.g. `{"max_total_replicas": 0}`) -> the policy in force."""
         return self.controller.configure(**changes).model_dump()
@@ -213,7 +284,7 @@ class HandleWorker:
         self.handle, self.name = handle, name
 
     def __repr__(self) -> str:
-        return f"HandleWorker({self.name or self.handle!r})"
+        return f"{type(self).__name__}({self.name or self.handle!r})"
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params) -> AsyncIterator[Delta]:
         stream = self.handle.options(stream=True).generate.remote(request_id, prompt_token_ids, params.model_dump())
@@ -232,15 +303,91 @@ class HandleWorker:
         await self.handle.abort.remote(request_id)
 
 
+class PoolWorker(HandleWorker):
+    """The ingress's `ElasticWorker` (actors/generation.py) over the `attention-pool` handle. Serve picks the pool
+    replica of each sequence (its own queue-length routing); this class counts what it streams there and how many
+    replicas run.
+
+    - `load()`: this ingress's sequences on the pool per running replica (the ingress is the pool's only client);
+    - `replicas()`: RUNNING replicas as `count()` reports them, re-read in the background at most every `refresh_s`;
+    - `wake()`: one `load` call that waits at the handle for a replica: a request queued at a deployment with no
+      replica is what makes Serve's autoscaler start one at once;
+    - `abort()`: nothing is sent (the call would reach an arbitrary replica, and start one on an empty pool): the
+      stream's cancellation (`HandleWorker.generate`) stops the sequence on its replica."""
+
+    def __init__(self, handle, spill_at: float, count: Callable[[], Awaitable[int]], name: str = POOL,
+                 refresh_s: float = 1.0):
+        super().__init__(handle, name)
+        self.spill_at, self._count, self._refresh_s = spill_at, count, refresh_s
+        self._replicas, self._in_flight = 0, 0
+        self._read_at, self._reading, self._waking = -math.inf, None, None
+
+    def replicas(self) -> int:
+        if self._reading is None and time.monotonic() - self._read_at >= self._refresh_s:
+            self._reading = asyncio.ensure_future(self._read())
+        return self._replicas
+
+    async def _read(self) -> None:
+        try:
+            self._replicas = int(await self._count())
+        except Exception as e:  # noqa: BLE001 - keep the last count; try again at the next ask
+            log.warning("%r: reading the replica count failed: %r", self, e)
+        finally:
+            self._read_at, self._reading = time.monotonic(), None
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params) -> AsyncIterator[Delta]:
+        self._in_flight += 1
+        deltas = HandleWorker.generate(self, request_id, prompt_token_ids, params)
+        try:
+            async for delta in deltas:
+                yield delta
+        finally:
+            self._in_flight -= 1
+            await deltas.aclose()  # cancels the Serve stream now (see HandleWorker.generate)
+
+    async def load(self) -> float:
+        return self._in_flight / max(1, self._replicas)
+
+    async def abort(self, request_id: str) -> None:
+        return None
+
+    def wake(self) -> None:
+        if self._waking is None or self._waking.done():
+            self._waking = asyncio.ensure_future(self._wake())
+
+    async def _wake(self) -> None:
+        async def call():
+            return await self.handle.load.remote()
+        try:
+            await asyncio.wait_for(call(), WAKE_TIMEOUT_S)
+        except Exception as e:  # noqa: BLE001 - the next spill wakes it again
+            log.warning("%r: waking the pool failed (no replica within %gs?): %r", self, WAKE_TIMEOUT_S, e)
+        self._read_at = -math.inf  # a replica answered (or it failed): re-read the count now
+        self.replicas()
+
+
+async def _running_replicas(app: str, deployment: str) -> int:
+    """RUNNING replicas of `app`'s `deployment`, from Serve's controller (`serve.status()`, blocking: in a thread)."""
+    status = await asyncio.to_thread(serve.status)
+    app_status = status.applications.get(app)
+    dep = app_status.deployments.get(deployment) if app_status is not None else None
+    return dep.replica_states.get(ReplicaState.RUNNING, 0) if dep is not None else 0
+
+
 @serve.ingress()
 class IngressReplica(_RoleEdge, Ingress):
-    """The HTTP app over the attention workers' handles, plus `/metrics/targets`: Prometheus HTTP service discovery
-    of every role's metrics endpoint (`role_handles`: all other deployments)."""
+    """The HTTP app over the attention workers' handles (and the pool's, spilled to above `spill_at` sequences per
+    fixed rank), plus `/metrics/targets`: Prometheus HTTP service discovery of every role's metrics endpoint
+    (`role_handles`: all other deployments but the pool, whose handle reaches an arbitrary replica)."""
 
     def __init__(self, model_dir: str, worker_handles: list, role_handles: list, model_name: str | None,
-                 limits: dict, api_keys: list[str] = (), public_metrics: bool = False):
+                 limits: dict, api_keys: list[str] = (), public_metrics: bool = False, pool_handle=None,
+                 spill_at: float = 0.0):
         config = ModelConfig.from_file(model_dir)
         workers = [HandleWorker(h, f"attention-worker-{k}") for k, h in enumerate(worker_handles)]
+        if pool_handle is not None:
+            app = serve.get_replica_context().app_name
+            workers.append(PoolWorker(pool_handle, spill_at, lambda: _running_replicas(app, POOL)))
         Ingress.__init__(self, TextCodec.from_checkpoint(model_dir), workers,
                          model_name or Path(model_dir).resolve().name, config.max_position_embeddings,
                          IngressLimits(**limits), api_keys=api_keys, public_metrics=public_metrics)
@@ -294,34 +441,60 @@ def build_app(config: DeploymentConfig):
     settings = {"max_num_seqs": att.max_num_seqs, "kv_cache_blocks": att.kv_cache_blocks,
                 "block_size": att.block_size, "dtype": att.dtype, "device": att.placement.device,
                 "engram_cache_rows": att.engram_cache_rows}
+    worker_args = (model_dir, experts, assignment, engram, ranges, settings, config.grpc_host, security)
     workers = [serve.deployment(**_options(f"attention-worker-{k}", att.placement),
-                                max_ongoing_requests=4 * att.max_num_seqs)(AttentionWorkerReplica)
-               .bind(model_dir, experts, assignment, engram, ranges, settings, config.grpc_host, security)
+                                max_ongoing_requests=4 * att.max_num_seqs)(AttentionWorkerReplica).bind(*worker_args)
                for k in range(att.replicas)]
     roles = experts + [r for replicas in engram for r in replicas] + workers
+    controller = None
     if config.experts.autoscaling is not None:
-        roles.append(serve.deployment(**_options("expert-controller", Placement(num_cpus=0.25)))(
+        controller = serve.deployment(**_options("expert-controller", Placement(num_cpus=0.25)))(
             ExpertControllerReplica).bind(model_dir, workers, assignment, config.experts.autoscaling.model_dump(),
-                                          batching, config.grpc_host, security))
-    return _ingress(config, model_dir, workers, roles)
+                                          batching, config.grpc_host, security)
+        roles.append(controller)
+    pool = _attention_pool(config, worker_args, controller) if att.autoscaling is not None else None
+    return _ingress(config, model_dir, workers, roles, pool)
 
 
-def _ingress(config: DeploymentConfig, model_dir: str, workers: list, roles: list):
+def _attention_pool(config: DeploymentConfig, worker_args: tuple, controller):
+    """`attention-pool`: extra ranks (`AttentionPoolReplica`) that Serve's autoscaler sizes with moemesh's policy.
+    Its replicas push their stats every min(10, look_back_period_s / 2) seconds (Ray's default: 10), so a short
+    look-back window is filled with fresh numbers. A replica being removed may finish its sequences for
+    `drain_timeout_s` (Serve's graceful shutdown)."""
+    att, auto = config.attention, config.attention.autoscaling
+    opts = _options(POOL, att.placement)
+    del opts["num_replicas"]  # the autoscaler's
+    opts["ray_actor_options"]["runtime_env"]["env_vars"][STATS_PUSH_ENV] = str(min(10.0, auto.look_back_period_s / 2))
+    opts.update(max_ongoing_requests=4 * att.max_num_seqs, graceful_shutdown_timeout_s=auto.drain_timeout_s,
+                autoscaling_config={
+                    "min_replicas": auto.min_replicas, "max_replicas": auto.max_replicas,
+                    "upscale_delay_s": auto.upscale_delay_s, "downscale_delay_s": auto.downscale_delay_s,
+                    "look_back_period_s": auto.look_back_period_s,
+                    "policy": {"policy_function": POLICY_PATH, "policy_kwargs": {
+                        "target_queue_per_replica": att.target_queue(), "target_ttft_s": auto.target_ttft_s}}})
+    return serve.deployment(**opts)(AttentionPoolReplica).bind(*worker_args, look_back_s=auto.look_back_period_s,
+                                                              controller=controller)
+
+
+def _ingress(config: DeploymentConfig, model_dir: str, workers: list, roles: list, pool=None):
     """The ingress deployment. Serve may run a few more requests than the gate admits (health, metrics, models, and
     the ones the gate refuses at once), so requests above the limits get 429 rather than waiting in Serve's queue.
-    A worker counts as full at 2 x max_num_seqs sequences: a running batch and a waiting one."""
+    A worker counts as full at 2 x max_num_seqs sequences: a running batch and a waiting one. The pool, if any, takes
+    work once every fixed rank holds `attention.target_queue()` sequences."""
     ing, limits = config.ingress, config.ingress.limits
     if limits.max_worker_load is None:
         limits = limits.model_copy(update={"max_worker_load": 2.0 * config.attention.max_num_seqs})
     opts = _options("ingress", Placement(num_cpus=0.5))
     return serve.deployment(**opts, max_ongoing_requests=limits.max_in_flight + 100)(IngressReplica).bind(
-        model_dir, workers, roles, ing.model_name, limits.model_dump(), ing.api_key_list(), ing.public_metrics)
+        model_dir, workers, roles, ing.model_name, limits.model_dump(), ing.api_key_list(), ing.public_metrics,
+        pool_handle=pool, spill_at=config.attention.target_queue())
 
 
 def required_cpus(config: DeploymentConfig) -> float:
     """Logical CPUs the deployment reserves (what a local Ray must offer)."""
     n_experts = config.experts.shards or len(config.experts.assignment)
-    return (config.attention.replicas * config.attention.placement.num_cpus
+    pool = config.attention.autoscaling.max_replicas if config.attention.autoscaling is not None else 0
+    return ((config.attention.replicas + pool) * config.attention.placement.num_cpus
             + n_experts * config.experts.placement.num_cpus
             + config.engram.shards * config.engram.replicas * config.engram.placement.num_cpus + 0.5)
 

@@ -60,8 +60,35 @@ class Placement(_Strict):
         return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "resources": dict(self.resources)}
 
 
+class AttentionAutoscaling(_Strict):
+    """The attention pool: extra ranks beside the fixed `attention.replicas`, one Serve deployment (`attention-pool`)
+    that Serve's autoscaler sizes with moemesh's policy (cluster/serve_policy.py, docs/serving.md). The ingress sends
+    work to the pool once every fixed rank holds `target_queue_per_replica` sequences."""
+
+    min_replicas: int = Field(0, ge=0, description="Pool replicas at least (0: the pool starts when first needed).")
+    max_replicas: int = Field(4, ge=1, description="Pool replicas at most.")
+    target_queue_per_replica: float | None = Field(
+        None, gt=0, description="Sequences (running + waiting) per rank: fixed ranks take work up to it before the "
+        "pool does, and the pool gets one replica per this many of its sequences. None: `attention.max_num_seqs`.")
+    target_ttft_s: float | None = Field(None, gt=0, description="Add a pool replica while a pool replica's recent "
+                                        "p90 time to first token exceeds this; None: queue depth only.")
+    upscale_delay_s: float = Field(30.0, ge=0, description="A decision to grow must hold this long (Serve).")
+    downscale_delay_s: float = Field(300.0, ge=0, description="A decision to shrink must hold this long (Serve).")
+    look_back_period_s: float = Field(30.0, gt=0, description="Window the replicas' queue and TTFT are averaged "
+                                      "over (Serve), and the TTFT window each replica keeps.")
+    drain_timeout_s: float = Field(60.0, ge=0, description="A replica being removed finishes its sequences for at "
+                                   "most this long; the rest move to other ranks (re-admission).")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AttentionAutoscaling":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) must not exceed max_replicas ({self.max_replicas})")
+        return self
+
+
 class AttentionConfig(_Strict):
-    """Attention workers: one replica is one data-parallel rank."""
+    """Attention workers: one replica is one data-parallel rank. `replicas` fixed ranks always run; `autoscaling`
+    adds a pool of extra ranks that grows and shrinks with the queue (None: fixed ranks only)."""
 
     replicas: int = Field(1, ge=1, description="Data-parallel ranks (Serve replicas).")
     max_num_seqs: int = Field(32, ge=1, description="Sequences batched per step.")
@@ -70,6 +97,14 @@ class AttentionConfig(_Strict):
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Compute dtype.")
     engram_cache_rows: int = Field(65536, ge=0, description="Hot Engram rows cached per rank (LRU); 0 = off.")
     placement: Placement = Field(default_factory=Placement, description="Resources per rank.")
+    autoscaling: AttentionAutoscaling | None = Field(None, description="The attention pool (extra ranks sized by "
+                                                     "Serve's autoscaler); None: the fixed ranks only.")
+
+    def target_queue(self) -> float:
+        """Sequences per rank the pool policy and the ingress's spill aim at."""
+        a = self.autoscaling
+        return float(self.max_num_seqs if a is None or a.target_queue_per_replica is None
+                     else a.target_queue_per_replica)
 
 
 class ShardSpec(_Strict):

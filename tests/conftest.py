@@ -1,7 +1,16 @@
 """Fixtures shared across the test tree (keep this small)."""
 
+import os
+import secrets
+
 import pytest
 import torch
+
+# Ray 2.60 reads its auth settings once, when `ray` is first imported, and test modules import it at collection:
+# token mode and this session's token must be in the environment before any of them (tests/cluster/conftest.py
+# starts the session's cluster with them).
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
 
 @pytest.fixture(scope="session")

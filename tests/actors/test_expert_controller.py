@@ -243,3 +243,34 @@ def test_a_restarted_controller_drops_replicas_it_does_not_own_from_the_workers(
     asyncio.run(ctl.tick())
     assert ctl.version == 8 and workers["w0"].version == 8 and workers["w0"].replicas == {}
     assert ("release", "w0", ["replica-old-1"]) in log
+
+
+def test_pool_replicas_get_the_map_count_as_load_and_hold_back_a_drain():
+    log, clock = [], [0.0]
+    workers = {"w0": _Worker("w0", log, {})}
+    cfg = CFG.model_copy(update={"upscale_cooldown_s": 0, "downscale_cooldown_s": 0, "window_s": 100,
+                                 "pool_ttl_s": 30, "drain_timeout_s": 0.3})
+    ctl = ExpertController(cfg, [{0: [0, 1]}], 2, workers, _Backend(log), clock=lambda: clock[0])
+
+    async def main():
+        await ctl.tick()
+        first = ctl.pool_sync("pool#a", {"version": 0, "in_use": [], "shards": []}, {"0/1": 0})
+        assert first == {"version": 0, "replicas": {}, "addresses": {}}
+        clock[0] = 10.0
+        ctl.pool_sync("pool#a", {"version": 0, "in_use": [], "shards": []}, {"0/1": 3000})  # only the pool works
+        grown = await ctl.tick()
+        assert [(d.layer, d.expert, d.action) for d in grown] == [(0, 1, "add")]
+        answer = ctl.pool_sync("pool#a", {"version": 0, "in_use": [], "shards": []}, {"0/1": 3000})
+        assert answer["version"] == ctl.version and answer["replicas"] and set(answer["addresses"]) == \
+            set(answer["replicas"])
+        # the pool replica still dispatches with map 0 when the replicas go: the drain waits for it (here, until
+        # its timeout, since it never reports again), and a pool silent for pool_ttl_s is forgotten
+        clock[0] = 300.0
+        ctl.pool_sync("pool#a", {"version": 0, "in_use": [0], "shards": []}, {"0/1": 3000})
+        started = asyncio.get_running_loop().time()
+        await ctl.tick()
+        assert asyncio.get_running_loop().time() - started >= 0.3
+        clock[0] = 400.0
+        assert ctl._live_pool() == {}
+
+    asyncio.run(main())
