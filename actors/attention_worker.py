@@ -9,7 +9,7 @@ ingress's `Worker` protocol (generate / load / abort) with plain-data deltas so 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -28,7 +28,7 @@ from moemesh.actors.sequence import RequestParams
 from moemesh.kernels.device import resolve_device
 from moemesh.kernels.model import load_model
 from moemesh.proto.auth import GrpcSecurity
-from moemesh.proto.transport import GrpcTransport, Resolver
+from moemesh.proto.transport import ExpertTransport, GrpcTransport, Resolver
 
 
 class AttentionWorker:
@@ -36,7 +36,8 @@ class AttentionWorker:
     (row ranges {layer: (start, end)}, [replica addresses]) per Engram shard. `security`: the cluster token and TLS
     the shards' servers expect (default: neither). `expert_resolver` / `engram_resolver`: where shard i / Engram
     replica `engram-{s}-{r}` listens now (awaitable `host:port`); with them, a shard that Serve restarted on a new
-    port is found again, and steps wait for it (bounded, `recovery`) instead of failing (docs/reliability.md)."""
+    port is found again, and steps wait for it (bounded, `recovery`) instead of failing (docs/reliability.md).
+    `transport_factory`: the gRPC expert transport -> the one to dispatch with (default: it as is)."""
 
     def __init__(self, model_dir: str, expert_addresses: Sequence[str],
                  expert_assignment: Sequence[Mapping[int, Sequence[int]]],
@@ -44,7 +45,8 @@ class AttentionWorker:
                  max_num_seqs: int = 32, kv_cache_blocks: int = 4096, block_size: int = 16,
                  dtype: str = "float32", device: str = "cpu", engram_cache_rows: int = 65536,
                  security: GrpcSecurity | None = None, expert_resolver: Resolver | None = None,
-                 engram_resolver: Resolver | None = None, recovery: RecoveryConfig | None = None):
+                 engram_resolver: Resolver | None = None, recovery: RecoveryConfig | None = None,
+                 transport_factory: Callable[[GrpcTransport], ExpertTransport] | None = None):
         self.model = load_model(model_dir, dtype=getattr(torch, dtype), device=resolve_device(device),
                                 with_experts=False, with_engram_tables=False)
         cfg = self.model.config
@@ -53,6 +55,8 @@ class AttentionWorker:
         self._base_assignment = assignment  # shards 0..n-1: always in the map (a restarted worker starts with them)
         recovery = recovery or RecoveryConfig()
         transport = GrpcTransport(dict(enumerate(expert_addresses)), security=security, resolver=expert_resolver)
+        if transport_factory is not None:  # e.g. a HybridTransport: collectives to some shards, this for the rest
+            transport = transport_factory(transport)
         self.dispatcher = Dispatcher(transport, ExpertMap.from_assignment(assignment, cfg.n_routed_experts),
                                      recovery)
         self.engram = None
@@ -94,6 +98,9 @@ class AttentionWorker:
         out = {"engine": asdict(self.engine.engine.stats()),
                "messages_to": dict(self.dispatcher.stats.messages_to),
                "tokens_per_expert": {f"{l}/{e}": n for (l, e), n in self.dispatcher.stats.tokens_per_expert.items()}}
+        by_link = getattr(self.dispatcher.transport, "messages", None)  # a HybridTransport's replies per link kind
+        if by_link is not None:
+            out["messages_by_link"] = dict(by_link)
         if self.engram is not None:
             c = self.engram.counters
             out["engram"] = {"lookups": c.lookups, "cache_hits": c.cache_hits, "cache_misses": c.cache_misses,

@@ -7,6 +7,7 @@ run them in-process. A host reports its gRPC address; attention workers then tal
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -18,6 +19,7 @@ from moemesh.actors.role_metrics import EngramShardCollector, ExpertShardCollect
 from moemesh.kernels.checkpoint import Checkpoint
 from moemesh.kernels.device import resolve_device
 from moemesh.proto.auth import GrpcSecurity
+from moemesh.proto.collective import CollectiveGroup, CollectiveShardServer
 
 
 def bind_address(host: str) -> str:
@@ -79,13 +81,27 @@ class ExpertShardHost(_GrpcHost):
                                              batching=BatchingConfig(**(batching or {})),
                                              expert_map_version=expert_map_version)
         self._serve(serve_expert_shard, self.shard, host, port, security)
+        self.collective: CollectiveShardServer | None = None
+
+    def serve_collective(self, group: CollectiveGroup, peers: Sequence[int]) -> None:
+        """Also serve the attention workers `peers` (ranks of `group`) over collectives, beside gRPC, on the same I/O
+        loop (so their requests batch with the gRPC ones). Call once; the gRPC server keeps running regardless."""
+        self.collective = CollectiveShardServer(self.shard, group, peers)
+        asyncio.run_coroutine_threadsafe(self.collective.serve(), self.io.loop)
 
     def start_metrics(self, host: str) -> str:
         return self._start_metrics(host, ExpertShardCollector(self.shard))
 
     def stats(self) -> dict:
         c = self.shard.counters
-        return {"address": self.address, "requests": c.requests, "batches": c.batches, "tokens": c.tokens}
+        return {"address": self.address, "requests": c.requests, "batches": c.batches, "tokens": c.tokens,
+                "collective_requests": self.collective.requests if self.collective is not None else None}
+
+    def shutdown(self) -> None:
+        if getattr(self, "collective", None) is not None:  # CLOSE to the workers, which move to gRPC
+            self.io.run(self.collective.stop(), timeout=5)
+            self.collective = None
+        super().shutdown()
 
     def check_health(self) -> None:
         """Serve's health check: raising marks the replica unhealthy (and Serve replaces it)."""

@@ -14,18 +14,24 @@ node ids) to the plain classes in `moemesh.actors`.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import math
 import os
+import secrets
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 from ray import exceptions as ray_errors
 from ray import serve
 from ray.serve import exceptions as serve_errors
 from ray.serve.schema import ReplicaState
+from torch.distributed import TCPStore
 
 from moemesh.actors.attention_worker import AttentionWorker
 from moemesh.actors.engram_service import engram_layout
@@ -40,6 +46,7 @@ from moemesh.cluster.config import DeploymentConfig, Placement
 from moemesh.cluster.serve_policy import POLICY_PATH, RecentTtft, pool_stats
 from moemesh.kernels.config import ModelConfig
 from moemesh.proto.auth import GrpcSecurity
+from moemesh.proto.collective import CollectiveGroup, CollectiveTransport, HybridTransport, init_group
 
 # Every role's process: one torch thread (they share a node's cores with other roles), and glibc's malloc keeps
 # multi-MB message buffers instead of mmap/munmap-ing each (measured 30x faster for fresh 2 MiB messages).
@@ -54,6 +61,7 @@ EXPERT_MAP_SYNC_S = 2.0  # a pool replica asks the expert controller for the map
 WAKE_TIMEOUT_S = 600.0  # how long the ingress's call that starts an empty pool may wait for its first replica
 # Ray's variable: how often a replica pushes its autoscaling stats (Ray's default 10 s); set for pool replicas only
 STATS_PUSH_ENV = "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"
+COLLECTIVE_KV_NAMESPACE = "moemesh-collective"  # Ray KV keys `{group id}/{rank}`: which members have started once
 log = logging.getLogger(__name__)
 
 
@@ -80,10 +88,79 @@ class _RoleEdge:
         return {"targets": [self.metrics_address], "labels": {"deployment": serve.get_replica_context().deployment}}
 
 
+# ---- the collective transport (opt-in, `experts.transport: collective`) ------------------------------------------------
+@dataclass(frozen=True)
+class CollectiveSpec:
+    """One process group of the base expert shards (ranks 0..shards-1) and the fixed attention workers (ranks
+    shards..world_size-1), made at build time. Shard 0 hosts the rendezvous store and reports its address through
+    its handle (`collective_store`). `group_id` is fresh per build: a process joins only on its first start (a
+    restarted one cannot rejoin a static group, so it uses gRPC only), which a key per rank in Ray's KV records."""
+
+    group_id: str
+    backend: str
+    world_size: int
+    shards: int
+    port: int
+    timeout_s: float
+
+    def first_start(self, rank: int) -> bool:
+        """True the first time `rank`'s process asks (it joins the group); False after any restart."""
+        from ray.experimental import internal_kv
+
+        return not internal_kv._internal_kv_put(f"{self.group_id}/{rank}", "1", overwrite=False,
+                                                namespace=COLLECTIVE_KV_NAMESPACE)
+
+    def join(self, rank: int, store_address: str) -> CollectiveGroup | None:
+        """`init_group` on a daemon thread, waited for at most `timeout_s` + 10 s (a rendezvous that never completes
+        must not hold the process) -> the group, or None (logged: this process uses gRPC only)."""
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        host, port = store_address.rsplit(":", 1)
+
+        def run() -> None:
+            try:
+                done.set_result(init_group(rank, self.world_size, host, int(port), self.backend,
+                                           timeout_s=self.timeout_s, is_master=False))
+            except BaseException as e:  # noqa: BLE001 - handed to the waiter
+                done.set_exception(e)
+        threading.Thread(target=run, name="moemesh-collective-join", daemon=True).start()
+        try:
+            return done.result(self.timeout_s + 10)
+        except Exception as e:  # noqa: BLE001 - the deployment still works over gRPC
+            log.warning("collective group %s: rank %d could not join (%r); using gRPC only", self.group_id, rank, e)
+            return None
+
+
 class ExpertShardReplica(_RoleEdge, ExpertShardHost):
-    def __init__(self, model_dir: str, assignment: dict, host: str, **kw):
+    """An expert shard; with `collective` (base shards only) it also joins the group as `rank`, in the background
+    (the workers join once every shard's constructor returned), and serves the workers over it beside gRPC."""
+
+    def __init__(self, model_dir: str, assignment: dict, host: str, collective: CollectiveSpec | None = None,
+                 rank: int = 0, store_handle=None, **kw):
         ExpertShardHost.__init__(self, model_dir, assignment, host, **kw)
         self.metrics_address = self.start_metrics(host)
+        self._store, self._store_address = None, ""
+        if collective is not None and collective.first_start(rank):
+            if store_handle is None:  # shard 0: the rendezvous store lives as long as this process
+                bound = bind_address(host)
+                self._store = TCPStore(bound, collective.port, None, True, timedelta(seconds=collective.timeout_s),
+                                       wait_for_workers=False)
+                self._store_address = f"{bound}:{self._store.port}"
+            threading.Thread(target=self._join_collective, args=(collective, rank, store_handle),
+                             name="moemesh-collective", daemon=True).start()
+
+    def collective_store(self) -> str:
+        """`host:port` of the group's rendezvous store ("" if this process hosts none: not shard 0, or restarted)."""
+        return self._store_address
+
+    def _join_collective(self, spec: CollectiveSpec, rank: int, store_handle) -> None:
+        try:
+            address = self._store_address or store_handle.collective_store.remote().result(timeout_s=spec.timeout_s)
+        except Exception as e:  # noqa: BLE001 - gRPC only
+            log.warning("collective group %s: no store address from shard 0 (%r); gRPC only", spec.group_id, e)
+            return
+        group = spec.join(rank, address) if address else None
+        if group is not None:
+            self.serve_collective(group, range(spec.shards, spec.world_size))
 
 
 class EngramShardReplica(_RoleEdge, EngramShardHost):
@@ -98,8 +175,10 @@ class AttentionWorkerReplica(_RoleEdge, AttentionWorker):
 
     async def __init__(self, model_dir: str, expert_handles: list, expert_assignment: list,
                        engram_handles: list[list], engram_ranges: list, settings: dict, host: str,
-                       security: GrpcSecurity | None = None):
+                       security: GrpcSecurity | None = None, collective: CollectiveSpec | None = None,
+                       rank: int = 0):
         experts = [await h.grpc_address.remote() for h in expert_handles]
+        factory = None if collective is None else await self._collective(collective, rank, expert_handles[0])
         routes = [(ranges, [await h.grpc_address.remote() for h in replicas])
                   for ranges, replicas in zip(engram_ranges, engram_handles)]
         self._resolve_pool = ThreadPoolExecutor(2, thread_name_prefix="resolve")  # never blocks the I/O loop's pool
@@ -107,8 +186,28 @@ class AttentionWorkerReplica(_RoleEdge, AttentionWorker):
                           for r, h in enumerate(replicas)}
         AttentionWorker.__init__(self, model_dir, experts, expert_assignment, routes, security=security,
                                  expert_resolver=self._resolver(dict(enumerate(expert_handles))),
-                                 engram_resolver=self._resolver(engram_by_name), **settings)
+                                 engram_resolver=self._resolver(engram_by_name), transport_factory=factory,
+                                 **settings)
         self.metrics_address = self.start_metrics(bind_address(host))
+
+    @staticmethod
+    async def _collective(spec: CollectiveSpec, rank: int, store_handle):
+        """Join the group (first start only) -> a factory wrapping the gRPC transport in a HybridTransport that
+        reaches every base shard over the group (gRPC stays for the rest, and for a shard whose link breaks), or
+        None: gRPC only."""
+        if not spec.first_start(rank):
+            return None
+        try:
+            address = await asyncio.wait_for(store_handle.collective_store.remote(), spec.timeout_s)
+        except Exception as e:  # noqa: BLE001 - gRPC only
+            log.warning("collective group %s: no store address from shard 0 (%r); gRPC only", spec.group_id, e)
+            return None
+        group = await asyncio.to_thread(spec.join, rank, address) if address else None
+        if group is None:
+            return None
+        shards = {i: i for i in range(spec.shards)}
+        return lambda grpc_part: HybridTransport(dict.fromkeys(shards, "collective"), grpc_transport=grpc_part,
+                                                 collective=CollectiveTransport(group, shards))
 
     def _resolver(self, handles: dict):
         """name -> awaitable `host:port` from the named shard's handle (blocking `.result` in a small pool of its
@@ -173,13 +272,23 @@ class AttentionPoolReplica(AttentionWorkerReplica):
             await asyncio.sleep(EXPERT_MAP_SYNC_S)
 
 
+REPLICA_NAMESPACE = "moemesh-replicas"  # Ray namespace of the controller's replica actors
+
+
+def replica_actor_name(app_name: str, replica: str) -> str:
+    """The Ray actor name of replica `replica` of application `app_name` (`ray.get_actor(name, REPLICA_NAMESPACE)`;
+    shown by `ray list actors`)."""
+    return f"{app_name}/{replica}"
+
+
 class RayReplicaBackend:
     """The controller's replica actors as plain Ray actors (an `ExpertShardHost` each), owned by the controller's
     process. They ask for `placement`'s resources: where no node has them free, Ray's autoscaler launches one."""
 
-    def __init__(self, model_dir: str, placement: dict, host: str, batching: dict, security: GrpcSecurity):
+    def __init__(self, model_dir: str, placement: dict, host: str, batching: dict, security: GrpcSecurity,
+                 app_name: str = "moemesh"):
         self.model_dir, self.placement, self.host = model_dir, placement, host
-        self.batching, self.security = batching, security
+        self.batching, self.security, self.app_name = batching, security, app_name
         self.handles: dict[str, object] = {}
         self._pending: set[str] = set()
 
@@ -189,7 +298,8 @@ class RayReplicaBackend:
         p = self.placement
         cls = ray.remote(ExpertShardHost).options(
             num_cpus=p["num_cpus"], num_gpus=p["num_gpus"], resources=dict(p["resources"]), max_restarts=0,
-            runtime_env={"env_vars": dict(ROLE_ENV)}, scheduling_strategy="SPREAD")
+            runtime_env={"env_vars": dict(ROLE_ENV)}, scheduling_strategy="SPREAD",
+            name=replica_actor_name(self.app_name, name), namespace=REPLICA_NAMESPACE)
         handle = cls.remote(self.model_dir, assignment, self.host, device=p["device"], batching=self.batching,
                             security=self.security, expert_map_version=version)
         self.handles[name] = handle
@@ -247,7 +357,8 @@ class ExpertControllerReplica(_RoleEdge):
                        batching: dict, host: str, security: GrpcSecurity):
         cfg = AutoscalingConfig.model_validate(autoscaling)
         n_experts = ModelConfig.from_file(model_dir).n_routed_experts
-        backend = RayReplicaBackend(model_dir, cfg.placement.model_dump(), host, batching, security)
+        backend = RayReplicaBackend(model_dir, cfg.placement.model_dump(), host, batching, security,
+                                    serve.get_replica_context().app_name)
         workers = {f"attention-worker-{k}": HandlePort(h) for k, h in enumerate(worker_handles)}
         registry = role_registry()
         self.controller = ExpertController(cfg, base_assignment, n_experts, workers, backend, registry)
@@ -430,21 +541,30 @@ def build_app(config: DeploymentConfig):
     shard_place = [(spec.placement if config.experts.assignment and spec.placement else config.experts.placement)
                    for spec in (config.experts.assignment or [None] * len(assignment))]
     batching = {"max_wait_s": config.experts.batch_wait_ms / 1000, "max_tokens": config.experts.max_batch_tokens}
-    experts = [serve.deployment(**_options(f"expert-shard-{i}", place))(ExpertShardReplica)
-               .bind(model_dir, held, config.grpc_host, device=place.device, batching=batching, security=security)
-               for i, (held, place) in enumerate(zip(assignment, shard_place))]
+    att = config.attention
+    collective = None
+    if config.experts.transport == "collective":
+        collective = CollectiveSpec(secrets.token_hex(8), config.experts.collective_backend(),
+                                    len(assignment) + att.replicas, len(assignment), config.experts.collective_port,
+                                    config.experts.collective_timeout_s)
+    experts = []
+    for i, (held, place) in enumerate(zip(assignment, shard_place)):
+        extra = {} if collective is None else {"collective": collective, "rank": i,
+                                               "store_handle": experts[0] if i else None}
+        experts.append(serve.deployment(**_options(f"expert-shard-{i}", place))(ExpertShardReplica).bind(
+            model_dir, held, config.grpc_host, device=place.device, batching=batching, security=security, **extra))
     ranges = engram_layout(mcfg, config.engram.shards) if mcfg.has_engram else []
     engram = [[serve.deployment(**_options(f"engram-shard-{s}-{r}", config.engram.placement))(EngramShardReplica)
                .bind(model_dir, rng, config.grpc_host, mmap_dir=config.engram.mmap_dir, security=security)
                for r in range(config.engram.replicas)] for s, rng in enumerate(ranges)]
-    att = config.attention
     settings = {"max_num_seqs": att.max_num_seqs, "kv_cache_blocks": att.kv_cache_blocks,
                 "block_size": att.block_size, "dtype": att.dtype, "device": att.placement.device,
                 "engram_cache_rows": att.engram_cache_rows}
     worker_args = (model_dir, experts, assignment, engram, ranges, settings, config.grpc_host, security)
     workers = [serve.deployment(**_options(f"attention-worker-{k}", att.placement),
-                                max_ongoing_requests=4 * att.max_num_seqs)(AttentionWorkerReplica).bind(*worker_args)
-               for k in range(att.replicas)]
+                                max_ongoing_requests=4 * att.max_num_seqs)(AttentionWorkerReplica).bind(
+        *worker_args, **({} if collective is None else {"collective": collective, "rank": len(assignment) + k}))
+               for k in range(att.replicas)]  # the pool's replicas and the controller's actors: gRPC only
     roles = experts + [r for replicas in engram for r in replicas] + workers
     controller = None
     if config.experts.autoscaling is not None:

@@ -133,12 +133,24 @@ class ExpertsConfig(_Strict):
     autoscaling: AutoscalingConfig | None = Field(None, description="The expert controller: replicas of hot "
                                                   "experts added and removed with load (docs/autoscaling.md); "
                                                   "None: the shards above only.")
+    transport: Literal["grpc", "collective"] = Field(
+        "grpc", description="How the fixed attention workers reach the shards above: `grpc`, or `collective`: one "
+        "process group of those shards and workers (nccl on cuda, hccl on npu, gloo on cpu), gRPC for everything "
+        "else and as the fallback (docs/wire.md, \"Collective transport\").")
+    collective_port: int = Field(0, ge=0, le=65535, description="Port of the group's rendezvous store, hosted by "
+                                 "expert shard 0 on `grpc_host`; 0: a free port (reported through its handle).")
+    collective_timeout_s: float = Field(60.0, gt=0, description="How long the rendezvous may take; a member that "
+                                        "cannot join in time uses gRPC only.")
 
     @model_validator(mode="after")
     def _one_way(self) -> "ExpertsConfig":
         if (self.shards is None) == (self.assignment is None):
             raise ValueError("set exactly one of `shards` (a count) and `assignment` (a list)")
         return self
+
+    def collective_backend(self) -> str:
+        """The process group backend for `transport: collective`: by the shards' device."""
+        return {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}[self.placement.device]
 
     def resolve(self, moe_layers: list[int], n_experts: int) -> list[dict[int, list[int]]]:
         """Per shard {layer: experts}; checks every expert of every MoE layer is held somewhere."""
@@ -256,6 +268,20 @@ class DeploymentConfig(_Strict):
                                        "process) holding the cluster token every internal gRPC call carries; unset: "
                                        "a random token is generated at each deploy.")
     grpc_tls: GrpcTlsConfig | None = Field(None, description="TLS for internal gRPC; None: plaintext.")
+
+    @model_validator(mode="after")
+    def _one_device_per_group(self) -> "DeploymentConfig":
+        """A collective group computes on one device kind: every shard and attention worker on it."""
+        if self.experts.transport == "collective":
+            want = self.experts.placement.device
+            devices = {"attention.placement.device": self.attention.placement.device}
+            devices.update({f"experts.assignment[{i}].placement.device": spec.placement.device
+                            for i, spec in enumerate(self.experts.assignment or []) if spec.placement is not None})
+            for field, device in devices.items():
+                if device != want:
+                    raise ValueError(f"{field}: {device!r}, but experts.transport 'collective' needs the device of "
+                                     f"experts.placement.device ({want!r}) on every member of the group")
+        return self
 
     def grpc_security(self) -> GrpcSecurity:
         """The cluster token (from `$grpc_token_env`, else a fresh `secrets.token_urlsafe(32)`) and TLS files."""

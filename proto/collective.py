@@ -5,8 +5,8 @@ torch_npu), gloo on CPU. It carries dispatch between the attention workers and e
 Group: one torch.distributed process group per expert group; its members are the group's expert shards and the
 attention workers on its devices. Convention: shards take ranks 0..S-1, workers S..S+W-1. Every worker's
 `CollectiveTransport` knows every shard of the group and every `CollectiveShardServer` serves every worker of it.
-`init_group` is the rendezvous; handing out (rank, world size, store address) per expert group is the controller's
-job once wired; it is NOT wired into the Ray app yet (docs/wire.md, "Collective transport").
+`init_group` is the rendezvous. The Ray app wires it in behind `experts.transport: collective` (cluster/app.py: one
+group of the base shards and the fixed attention workers; docs/wire.md, "Collective transport").
 
 Two directions, two process groups: requests go worker -> shard on `group.requests`, replies shard -> worker on
 `group.replies`. Each side keeps a receive posted at all times; NCCL runs a pair's sends and receives on one stream,
@@ -173,7 +173,7 @@ def init_group(rank: int, world_size: int, master_addr: str, master_port: int, b
     Rank 0 hosts the store unless `is_master` says otherwise (e.g. the controller hosts it and every member passes
     False). `timeout_s` bounds the rendezvous; `idle_timeout_s` is the process group's op timeout, and a reader waits
     for the next message that long: keep it above the longest idle gap (NCCL's watchdog aborts older operations).
-    The process must not already have a default process group. Not wired into the Ray app yet."""
+    The process must not already have a default process group."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank: {rank} outside 0..{world_size - 1}")
     dev = check_backend(backend, device)
@@ -321,6 +321,12 @@ class CollectiveTransport(ExpertTransport):
             raise TimeoutError(f"shard {shard!r}: no reply within {timeout_s:g} s") from None
         finally:
             self._pending.pop(rid, None)
+            if future.done() and not future.cancelled():
+                future.exception()  # failed by a link's end while we waited on the send: retrieved (no warning)
+
+    def is_down(self, shard: ShardId) -> bool:
+        """True once `shard`'s link ended (closed or broke): it never comes back in this process group."""
+        return shard in self._down
 
     def _unavailable(self, shard: ShardId) -> errors.Unavailable:
         return errors.Unavailable(f"shard {shard!r} (rank {self.shard_ranks[shard]}): {self._down.get(shard)}")
@@ -380,6 +386,7 @@ class CollectiveShardServer:
         self.target, self.group, self.peers, self.max_message_bytes = target, group, list(peers), max_message_bytes
         self._links: dict[int, _Link] = {}
         self._stopping = False
+        self.requests = 0  # dispatch requests received (for stats)
 
     async def serve(self) -> None:
         """Serve until every peer has closed its link (or `stop`)."""
@@ -426,6 +433,7 @@ class CollectiveShardServer:
                 status = OK if serving else grpc.StatusCode.UNAVAILABLE.value[0]
                 message = encode(REPLY, request_id=h[_ID], status=status)
             elif h[_KIND] == REQUEST:
+                self.requests += 1
                 hidden, ids, weights = decode(h, raws, REQUEST_FIELDS)
                 out = await self.target.dispatch(TokenBatch(h[_LAYER], hidden, ids, weights, step_id=h[_STEP],
                                                             expert_map_version=h[_VERSION]))
@@ -464,7 +472,12 @@ def links_from_groups(groups: Sequence[Iterable[int]], worker_device: int,
 
 class HybridTransport(ExpertTransport):
     """Each shard through the transport its link names: `links` {shard: "collective" | "grpc"} (see
-    `links_from_groups`). Shards added later (replicas started by the controller) go over gRPC."""
+    `links_from_groups`). Shards added later (replicas started by the controller) go over gRPC.
+
+    Fallback: process groups are static, so a shard whose collective link ended (its process died, or it closed the
+    link) never returns on it. When the gRPC part also knows that shard, it moves to gRPC for good at that point and
+    the call is sent again there (dispatch is idempotent); the Dispatcher's Unavailable handling (reroute, wait for
+    the restart) then runs on gRPC. `messages`: replies received per link kind."""
 
     def __init__(self, links: Mapping[ShardId, str], *, collective: CollectiveTransport | None = None,
                  grpc_transport: GrpcTransport | None = None):
@@ -479,21 +492,44 @@ class HybridTransport(ExpertTransport):
                 raise ValueError(f"links[{shard!r}]: {kind!r}, but the {kind} transport does not know this shard")
             self.routes[shard] = chosen[kind]
         self.collective, self.grpc = collective, grpc_transport
+        self.messages = dict.fromkeys(LINK_KINDS, 0)
+        self.fallbacks: list[ShardId] = []  # shards moved from a broken collective link to gRPC, in order
 
     def _route(self, shard: ShardId) -> ExpertTransport:
         transport = self.routes.get(shard)
         if transport is None:
             raise ValueError(f"shard: unknown destination {shard!r}; known: {sorted(map(str, self.routes))}")
+        if transport is self.collective and self.collective.is_down(shard) and self._fall_back(shard):
+            return self.grpc
         return transport
 
+    def _fall_back(self, shard: ShardId) -> bool:
+        """Move `shard` to gRPC if its collective link ended and gRPC knows it -> whether it moved."""
+        if self.grpc is None or shard not in self.grpc.addresses or not self.collective.is_down(shard):
+            return False
+        if self.routes.get(shard) is self.collective:
+            self.routes[shard] = self.grpc
+            self.fallbacks.append(shard)
+            log.warning("shard %r: collective link ended; using gRPC from now on", shard)
+        return True
+
     async def dispatch(self, shard: ShardId, batch: TokenBatch) -> torch.Tensor:
-        return await self._route(shard).dispatch(shard, batch)
+        transport = self._route(shard)
+        try:
+            out = await transport.dispatch(shard, batch)
+        except errors.Unavailable:
+            if transport is not self.collective or not self._fall_back(shard):
+                raise
+            transport = self.grpc
+            out = await transport.dispatch(shard, batch)
+        self.messages["collective" if transport is self.collective else "grpc"] += 1
+        return out
 
     async def health(self, shard: ShardId, timeout_s: float) -> bool:
-        return shard in self.routes and await self.routes[shard].health(shard, timeout_s)
+        return shard in self.routes and await self._route(shard).health(shard, timeout_s)
 
     async def refresh(self, shard: ShardId, timeout_s: float) -> bool:
-        return shard in self.routes and await self.routes[shard].refresh(shard, timeout_s)
+        return shard in self.routes and await self._route(shard).refresh(shard, timeout_s)
 
     def add(self, shard: ShardId, address: str) -> None:
         if self.grpc is None:

@@ -64,10 +64,21 @@ def _workers_on(version: int, replicas: dict) -> bool:
     return all(s["version"] == version and set(s["shards"]) == set(replicas) for s in states)
 
 
-def _alive_replica_actors() -> int:
-    from ray.util.state import list_actors
+def _alive_replica_actors(names) -> int:
+    """How many of the replica actors `names` are alive (named actors; a stopped one can no longer be looked up)."""
+    import ray
 
-    return len(list_actors(filters=[("class_name", "=", "ExpertShardHost"), ("state", "=", "ALIVE")]))
+    from moemesh.cluster.app import REPLICA_NAMESPACE, replica_actor_name
+
+    alive = 0
+    for name in names:
+        try:
+            handle = ray.get_actor(replica_actor_name("scale", name), namespace=REPLICA_NAMESPACE)
+            ray.get(handle.grpc_address.remote(), timeout=30)
+            alive += 1
+        except (ValueError, ray.exceptions.RayActorError):
+            pass
+    return alive
 
 
 def _phase(ctl_changes: dict | None = None) -> tuple[list[dict], dict]:
@@ -110,8 +121,9 @@ def test_replicas_follow_the_load_with_no_failed_request(scale_app, tiny_model_d
         hot_a = {k for k, n in state["holders"].items() if n > 1}
         assert sum(n - 1 for n in state["holders"].values()) == 4 and state["replicas"]
         assert _workers_on(state["version"], state["replicas"])          # both workers switched to the new map
-        assert _alive_replica_actors() == len(state["replicas"])
         names = set(state["replicas"])
+        started = set(names)
+        assert _alive_replica_actors(names) == len(names)
         wait_until("tokens sent to the replicas", lambda: all(
             names & set(_call(f"attention-worker-{k}", "stats")["messages_to"]) for k in range(2)), timeout_s=60)
 
@@ -124,14 +136,16 @@ def test_replicas_follow_the_load_with_no_failed_request(scale_app, tiny_model_d
         hot_b = {k for k, n in state["holders"].items() if n > 1}
         assert hot_b != hot_a and sum(n - 1 for n in state["holders"].values()) == 4
         assert _workers_on(state["version"], state["replicas"])
-        assert _alive_replica_actors() == len(state["replicas"])
+        assert _alive_replica_actors(state["replicas"]) == len(state["replicas"])
+        assert _alive_replica_actors(started - set(state["replicas"])) == 0  # emptied by the move: stopped
+        started |= set(state["replicas"])
 
         # Phase 3: the budget is withdrawn under load: every replica drains and stops; the base shards carry on.
         shrunk, state = _phase({"mode": "autoscale", "max_total_replicas": 0})
         assert shrunk and {d["action"] for d in shrunk} == {"remove"}
         assert state["replicas"] == {} and state["holders"] == {}
         assert _workers_on(state["version"], {})
-        wait_until("replica actors gone", lambda: _alive_replica_actors() == 0, timeout_s=60)
+        wait_until("replica actors gone", lambda: _alive_replica_actors(started) == 0, timeout_s=60)
         loads[1].stop()
     finally:
         for load in loads:
