@@ -55,6 +55,7 @@ class EngineStats:
     num_running: int
     num_waiting: int
     kv_cache: KVCacheUsage
+    num_preemptions: int  # since the engine started
 
 
 @dataclass
@@ -151,7 +152,8 @@ class Engine:
         return self.scheduler.has_unfinished()
 
     def stats(self) -> EngineStats:
-        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.kv.usage())
+        s = self.scheduler
+        return EngineStats(len(s.running), len(s.waiting), self.kv.usage(), s.num_preemptions)
 
     # -- the step -----------------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

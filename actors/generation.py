@@ -137,13 +137,11 @@ class LeastLoadedRouter:
         return list(await asyncio.gather(*(self._load(w) if ask else _none()
                                            for w, ask in zip(self.workers, asked))))
 
-    async def pick(self, exclude: Sequence[Worker] = (), limit: bool = True) -> Worker:
-        """The least loaded worker not in `exclude` (pools only once the fixed workers are full, see
-        `ElasticWorker`); `limit=False` ignores `max_load` (a re-admitted request was already admitted once)."""
+    async def pick(self, limit: bool = True) -> Worker:
+        """The least loaded worker (pools only once the fixed workers are full, see `ElasticWorker`); `limit=False`
+        ignores `max_load` (a re-admitted request was already admitted once)."""
         loads = await self.loads()
-        alive = [i for i, load in enumerate(loads)
-                 if load is not None and not any(self.workers[i] is w for w in exclude)]
-        alive = self._spill(alive, loads, exclude)
+        alive = self._spill([i for i, load in enumerate(loads) if load is not None], loads)
         if not alive:
             raise unavailable("no attention worker is available", code="no_worker")
         best = min(loads[i] for i in alive)
@@ -155,14 +153,14 @@ class LeastLoadedRouter:
         self._next = (chosen + 1) % n
         return self.workers[chosen]
 
-    def _spill(self, alive: list[int], loads: list[float | None], exclude: Sequence[Worker]) -> list[int]:
+    def _spill(self, alive: list[int], loads: list[float | None]) -> list[int]:
         """`alive` without the pools the fixed workers do not overflow into yet; wakes an empty pool they would."""
         fixed_best = min((loads[i] for i in alive if not self._elastic[i]), default=math.inf)
-        for i, w in enumerate(self.workers):
-            if (self._elastic[i] and fixed_best >= w.spill_at and w.replicas() == 0
-                    and not any(w is x for x in exclude)):
-                w.wake()
-        return [i for i in alive if not self._elastic[i] or fixed_best >= self.workers[i].spill_at]
+        spilling = {i for i, w in enumerate(self.workers) if self._elastic[i] and fixed_best >= w.spill_at}
+        for i in spilling:
+            if self.workers[i].replicas() == 0:
+                self.workers[i].wake()
+        return [i for i in alive if not self._elastic[i] or i in spilling]
 
     async def _load(self, worker: Worker) -> float | None:
         try:
@@ -285,7 +283,6 @@ class Generation:
         self._queue: asyncio.Queue = asyncio.Queue()  # bounded by the choices' max_tokens (one delta per token)
         self._tasks: dict[int, asyncio.Task] = {}
         self._on: dict[int, tuple[Worker, str]] = {c.index: (worker, c.request_id) for c in choices}
-        self._records: dict[int, dict] = {}  # choice index -> the record of its last move, until it resumes
         self.started_at = time.perf_counter() if started_at is None else started_at  # request arrival
         self.closed = False
 
@@ -334,10 +331,10 @@ class Generation:
 
     async def _pump(self, choice: Choice) -> None:
         """Stream the choice's deltas into the queue, moving it to another worker when its worker is lost."""
-        worker, got, moves = self.worker, [], 0
+        worker, got, moves, record = self.worker, [], 0, None
         while True:
             try:
-                await self._stream(worker, choice, got, moves)
+                await self._stream(worker, choice, got, moves, record)
                 return
             except WorkerLost as e:
                 if self.router is None or moves >= self.readmit.max_readmits:
@@ -345,7 +342,7 @@ class Generation:
                     return
                 moves += 1
                 try:
-                    worker = await self._move(worker, choice, got, moves, e)
+                    worker, record = await self._move(worker, choice, got, e)
                 except Exception as e2:
                     self._queue.put_nowait((choice.index, e2))
                     return
@@ -353,16 +350,16 @@ class Generation:
                 self._queue.put_nowait((choice.index, e))
                 return
 
-    async def _stream(self, worker: Worker, choice: Choice, got: list[int], moves: int) -> None:
+    async def _stream(self, worker: Worker, choice: Choice, got: list[int], moves: int, record: dict | None) -> None:
         """One worker's stream of the choice; after a move the prompt is the original prompt + `got`, and the deltas
-        are rebased (cumulative counts) and decoded here."""
+        are rebased (cumulative counts) and decoded here; the first one stamps the move's `record` resumed."""
         request_id = choice.request_id if not moves else f"{choice.request_id}-m{moves}"
         self._on[choice.index] = (worker, request_id)
         params = choice.params
         if got:  # fed as on the lost worker (prompt, then one chunk per token): the continuation is exact
             params = params.model_copy(update={"max_tokens": params.max_tokens - len(got),
                                                "replay_chunks": [len(choice.prompt_ids)] + [1] * len(got)})
-        offset, record = len(got), self._records.pop(choice.index, None)
+        offset = len(got)
         stream = None
         try:
             stream = worker.generate(request_id, choice.prompt_ids + got, params)
@@ -382,20 +379,20 @@ class Generation:
             if close is not None:
                 await close()
 
-    async def _move(self, lost: Worker, choice: Choice, got: list[int], moves: int, error: Exception) -> Worker:
-        """Mark `lost` down (routing skips it for `down_for_s`) and pick another worker, waiting (bounded) while none
-        is available; after `down_for_s` the lost one counts again if it answers (Serve restarted it)."""
+    async def _move(self, lost: Worker, choice: Choice, got: list[int], error: Exception) -> tuple[Worker, dict]:
+        """Record the move, mark `lost` down (routing skips it for `down_for_s`) and pick another worker, waiting
+        (bounded) while none is available; after `down_for_s` the lost one counts again if it answers (Serve restarted
+        it). -> (the new worker, the move's record in `router.readmits`)."""
         log.warning("worker %r lost (%s): re-admitting %s after %d tokens", lost, error, choice.request_id, len(got))
         record = {"worker": repr(lost), "request_id": choice.request_id, "tokens": len(got), "lost_at": time.time(),
                   "resumed_at": None}
         self.router.readmits.append(record)
-        self._records[choice.index] = record
         self.router.mark_down(lost, self.readmit.down_for_s)
         self._queue.put_nowait((choice.index, _Resumed(list(got))))
         deadline = time.monotonic() + self.readmit.timeout_s
         while True:
             try:
-                return await self.router.pick(limit=False)
+                return await self.router.pick(limit=False), record
             except OpenAIError:
                 if time.monotonic() + self.readmit.retry_every_s >= deadline:
                     raise

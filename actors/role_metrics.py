@@ -1,7 +1,7 @@
 """Prometheus metrics of the roles that have no HTTP app: attention workers, expert shards, Engram shards.
 
 Each role keeps plain counters on its hot path; a collector turns them into Prometheus families only when scraped,
-so nothing is paid per token. Names are those of `actors/metrics.py` (vLLM's where the meaning is the same). Each
+so nothing is paid per token. Names follow vLLM's (`vllm:` -> `moemesh:`) where the meaning is the same. Each
 process serves its own registry on a port of its own (`serve_registry`); the ingress lists every role's address for
 Prometheus' HTTP service discovery at `/metrics/targets`.
 """
@@ -13,7 +13,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-from moemesh.actors.metrics import LOOKUP_BUCKETS
+LOOKUP_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+MODEL = ["model_name"]
 
 
 def role_registry() -> CollectorRegistry:
@@ -48,13 +49,16 @@ class WorkerCollector(Collector):
 
     def collect(self):
         stats, m = self.worker.engine.engine.stats(), [self.model_name]
-        for name, doc, value in (("moemesh:num_requests_running", "Requests in the running batch.", stats.num_running),
-                                 ("moemesh:num_requests_waiting", "Requests waiting for admission.",
-                                  stats.num_waiting),
-                                 ("moemesh:kv_cache_usage_perc", "KV cache in use, 0 to 1.", stats.kv_cache.fraction)):
-            family = GaugeMetricFamily(name, doc, labels=["model_name"])
+        for family, value in ((GaugeMetricFamily("moemesh:num_requests_running", "Requests in the running batch.",
+                                                 labels=MODEL), stats.num_running),
+                              (GaugeMetricFamily("moemesh:num_requests_waiting", "Requests waiting for admission.",
+                                                 labels=MODEL), stats.num_waiting),
+                              (GaugeMetricFamily("moemesh:kv_cache_usage_perc", "KV cache in use, 0 to 1.",
+                                                 labels=MODEL), stats.kv_cache.fraction)):
             family.add_metric(m, value)
             yield family
+        yield _counter("moemesh:num_preemptions", "Requests preempted (recomputed later).", MODEL,
+                       {self.model_name: stats.num_preemptions})
         d = self.worker.dispatcher.stats
         yield _counter("moemesh:expert_tokens", "Tokens routed to each expert.", ["layer", "expert"],
                        dict(d.tokens_per_expert))

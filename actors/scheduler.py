@@ -185,7 +185,7 @@ class Scheduler:
     def _take(self, seq: Sequence, k: int, out: SchedulerOutput) -> None:
         self.blocks.allocate(seq.request_id, seq.num_computed + k)
         start = seq.num_computed
-        out.chunks.append(ScheduledChunk(seq, start, seq.token_ids[start:start + k],
+        out.chunks.append(ScheduledChunk(seq, start, seq.tokens(start, start + k),
                                          sample=start + k == seq.num_tokens))
 
     def _preempt(self, seq: Sequence) -> None:

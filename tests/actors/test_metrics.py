@@ -1,57 +1,68 @@
-"""Metrics: every role's metric exists under its vLLM-style name, registries are per instance, and the three ways
-to expose them (text, ASGI app, HTTP thread) serve the same exposition."""
+"""Metrics: the ingress's request metrics and the other roles' collectors exist under their vLLM-style names with the
+values they were given, registries are per instance, and a role's registry is served over HTTP."""
 
 from __future__ import annotations
 
+from collections import Counter
+from types import SimpleNamespace
+
 import httpx
-import pytest
 
+from moemesh.actors.block_manager import KVCacheUsage
+from moemesh.actors.dispatch import DispatchStats
+from moemesh.actors.engine import EngineStats
 from moemesh.actors.metrics import Metrics, process_metrics
+from moemesh.actors.role_metrics import WorkerCollector, role_registry, serve_registry
 
-NAMES = {  # name -> Prometheus type
+INGRESS = {  # name -> Prometheus type
     "moemesh:time_to_first_token_seconds": "histogram", "moemesh:time_per_output_token_seconds": "histogram",
     "moemesh:e2e_request_latency_seconds": "histogram", "moemesh:request_success_total": "counter",
     "moemesh:request_errors_total": "counter", "moemesh:prompt_tokens_total": "counter",
     "moemesh:generation_tokens_total": "counter", "moemesh:ingress_requests_in_progress": "gauge",
-    "moemesh:num_requests_running": "gauge", "moemesh:num_requests_waiting": "gauge",
-    "moemesh:kv_cache_usage_perc": "gauge", "moemesh:num_preemptions_total": "counter",
-    "moemesh:expert_tokens_total": "counter", "moemesh:dispatch_bytes_total": "counter",
-    "moemesh:dispatch_messages_total": "counter", "moemesh:engram_lookup_seconds": "histogram",
-    "moemesh:engram_cache_queries_total": "counter", "moemesh:engram_cache_hits_total": "counter",
 }
 
 
-def test_every_metric_is_exposed_with_its_type():
+def _has_type(text: str, name: str, kind: str) -> bool:
+    return f"# TYPE {name.removesuffix('_total')} {kind}" in text or f"# TYPE {name} {kind}" in text
+
+
+def test_every_ingress_metric_is_exposed_with_its_type():
     text = Metrics(process_collectors=False).exposition()[0].decode()
-    for name, kind in NAMES.items():
-        assert f"# TYPE {name.removesuffix('_total')} {kind}" in text or f"# TYPE {name} {kind}" in text, name
+    for name, kind in INGRESS.items():
+        assert _has_type(text, name, kind), name
+    assert "moemesh:num_requests_running" not in text  # the workers' metrics are theirs (role_metrics), not zeros here
 
 
 def test_registries_are_independent_and_the_process_one_is_shared():
     a, b = Metrics(process_collectors=False), Metrics()
-    a.expert_tokens.labels(layer="3", expert="17").inc(5)
-    assert 'moemesh:expert_tokens_total{expert="17",layer="3"} 5.0' in a.exposition()[0].decode()
-    assert "expert=" not in b.exposition()[0].decode() and "process_resident_memory_bytes" in b.exposition()[0].decode()
+    a.prompt_tokens.labels("m").inc(5)
+    assert 'moemesh:prompt_tokens_total{model_name="m"} 5.0' in a.exposition()[0].decode()
+    assert 'model_name="m"' not in b.exposition()[0].decode()
+    assert "process_resident_memory_bytes" in b.exposition()[0].decode()
     assert process_metrics() is process_metrics()
 
 
-@pytest.mark.anyio
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])
-async def test_asgi_app(anyio_backend):
-    m = Metrics(process_collectors=False)
-    m.engram_cache_hits.inc(3)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(m.asgi_app()), base_url="http://m") as c:
-        r = await c.get("/")
-    assert r.status_code == 200 and "moemesh:engram_cache_hits_total 3.0" in r.text
+def _worker(num_preemptions: int) -> SimpleNamespace:
+    stats = EngineStats(num_running=2, num_waiting=3, kv_cache=KVCacheUsage(1, 4, 1, 2, 0.25),
+                        num_preemptions=num_preemptions)
+    dispatch = DispatchStats(tokens_per_expert=Counter({(3, 17): 5}), bytes_to=Counter({"s0": 1024}),
+                             bytes_from=Counter({"s0": 512}), messages_to=Counter({"s0": 2}))
+    return SimpleNamespace(engine=SimpleNamespace(engine=SimpleNamespace(stats=lambda: stats)),
+                           dispatcher=SimpleNamespace(stats=dispatch), engram=None)
 
 
-def test_serve_http():
-    m = Metrics(process_collectors=False)
-    m.dispatch_bytes.labels(shard="s0", direction="out").inc(1024)
-    server, thread = m.serve_http(0, addr="127.0.0.1")
-    try:
-        r = httpx.get(f"http://127.0.0.1:{server.server_port}/metrics", timeout=5)
-        assert 'moemesh:dispatch_bytes_total{direction="out",shard="s0"} 1024.0' in r.text
-    finally:
-        server.shutdown()
-        thread.join(timeout=5)
+def test_a_worker_registry_exports_its_engine_and_dispatch_counters_over_http():
+    registry = role_registry()
+    registry.register(WorkerCollector(_worker(num_preemptions=7), "tiny"))
+    address = serve_registry(registry, "127.0.0.1")
+    text = httpx.get(f"http://{address}/metrics", timeout=5).text
+    for line in ('moemesh:num_requests_running{model_name="tiny"} 2.0',
+                 'moemesh:num_requests_waiting{model_name="tiny"} 3.0',
+                 'moemesh:kv_cache_usage_perc{model_name="tiny"} 0.25',
+                 'moemesh:num_preemptions_total{model_name="tiny"} 7.0',
+                 'moemesh:expert_tokens_total{expert="17",layer="3"} 5.0',
+                 'moemesh:dispatch_bytes_total{direction="sent",shard="s0"} 1024.0',
+                 'moemesh:dispatch_bytes_total{direction="received",shard="s0"} 512.0',
+                 'moemesh:dispatch_messages_total{shard="s0"} 2.0'):
+        assert line in text, line
+    assert _has_type(text, "moemesh:num_preemptions_total", "counter") and "process_resident_memory_bytes" in text
