@@ -69,7 +69,8 @@ class AttentionWorker:
             self.engram = EngramClient(cfg, routes, GrpcEngramTransport(addresses, security=security,
                                                                         resolver=engram_resolver),
                                        EngramClientConfig(cache_rows=engram_cache_rows, wait_for_restart=True,
-                                                          timeout_s=recovery.deadline_s))
+                                                          timeout_s=recovery.deadline_s,
+                                                          restart_backoff_s=recovery.backoff_s))
         self.registry = role_registry()
         self.registry.register(WorkerCollector(self, Path(model_dir).resolve().name))
         step = RemoteStep(self.model, self.dispatcher, self.engram.lookup if self.engram else None, self.io,
@@ -118,14 +119,16 @@ class AttentionWorker:
         return {"version": emap.version, "in_use": in_use, "shards": extra}
 
     async def _on_io(self, fn):
-        """`fn()` run on the I/O loop, where dispatches update the counters it reads."""
+        """`fn()` (awaited if it is a coroutine function) run on the I/O loop, which owns the dispatcher and its
+        transport: dispatches update their counters and channels there."""
         async def call():
-            return fn()
+            out = fn()
+            return await out if asyncio.iscoroutine(out) else out
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(call(), self.io.loop))
 
     async def install_expert_map(self, version: int, replicas: dict[str, dict], addresses: dict[str, str]) -> int:
         """Switch to map `version`: the base shards plus `replicas` ({replica name: {layer: expert ids}}, reached at
-        `addresses[name]`). Steps already dispatching finish with the map they started with. A version not newer
+        `addresses[name]`). Layer dispatches under way finish with the map they started with. A version not newer
         than the one in force is ignored (the controller re-sends after a worker restart) -> the version in force."""
         current = self.dispatcher.expert_map
         if version <= current.version:
@@ -138,10 +141,12 @@ class AttentionWorker:
         held = [{int(k): [int(e) for e in v] for k, v in replicas[n].items()} for n in names]
         emap = ExpertMap.from_assignment(self._base_assignment + held, self.model.config.n_routed_experts,
                                          list(range(len(self._base_assignment))) + names, version=version)
-        transport = self.dispatcher.transport
-        for name in names:
-            transport.add(name, addresses[name])
-        self.dispatcher.swap_map(emap)
+
+        def swap():
+            for name in names:
+                self.dispatcher.transport.add(name, addresses[name])
+            self.dispatcher.swap_map(emap)
+        await self._on_io(swap)
         return version
 
     async def release_shards(self, names: list[str]) -> list[str]:
@@ -153,7 +158,7 @@ class AttentionWorker:
         async def close():
             for name in gone:
                 await self.dispatcher.transport.remove(name)
-        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(close(), self.io.loop))
+        await self._on_io(close)
         return gone
 
     async def expert_loads(self) -> dict[str, int]:

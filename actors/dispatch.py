@@ -79,8 +79,8 @@ class ExpertMap:
     def _holders(self, layer: int, avoid: frozenset) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's holder table and counts without the shards in `avoid`, except where an expert has no other
         holder (it then keeps all of its holders: its tokens wait for the shard to come back)."""
-        bad = [pos for pos, shard in enumerate(self.shards) if shard in avoid]
-        if not bad:
+        bad = [pos for pos, shard in enumerate(self.shards) if shard in avoid] if avoid else []
+        if not bad:  # the usual case (every shard healthy): no scan, no copy
             return self.holder_table[layer], self.holder_count[layer]
         key = (layer, tuple(bad))
         if key not in self._healthy_cache:
@@ -118,13 +118,13 @@ class Dispatcher:
         self._in_flight: Counter = Counter()  # map version -> layer dispatches under way with it
 
     def swap_map(self, expert_map: ExpertMap) -> None:
-        """Install a new expert map; steps already dispatching keep the version they started with."""
+        """Install a new expert map; layer dispatches already under way keep the version they started with."""
         self.expert_map = expert_map
 
     def versions_in_use(self) -> list[int]:
         """Map versions that dispatches still under way were routed with (a shard dropped from the map may stop
         once no version that holds it is in use here)."""
-        return sorted(v for v, n in self._in_flight.items() if n > 0)
+        return sorted(self._in_flight)  # versions whose count drops to 0 are deleted
 
     async def __call__(self, layer: int, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
                        step_id: int = 0) -> torch.Tensor:
@@ -142,10 +142,11 @@ class Dispatcher:
                         weights: torch.Tensor, step_id: int) -> torch.Tensor:
         out, loop = torch.zeros_like(x), asyncio.get_running_loop()
         deadline, pause = loop.time() + self.health.config.deadline_s, self.health.config.backoff_s
-        positions, ids, failed_shards, w = torch.arange(x.shape[0]), indices, set(), weights.float()
+        positions, ids, failed_shards, w = None, indices, set(), weights.float()  # None: every row of x, in order
         while True:
-            routes = emap.route(layer, ids, avoid=self.health.down)
-            waiting = [s for s in routes if s in self.health.down]
+            down = self.health.down
+            routes = emap.route(layer, ids, avoid=down)
+            waiting = [s for s in routes if s in down]
             if failed_shards and waiting:  # some experts have no healthy holder: wait for their shard to return
                 if loop.time() + pause >= deadline:
                     raise errors.Unavailable(f"expert shards {sorted(map(str, waiting))} did not come back within "
@@ -159,31 +160,32 @@ class Dispatcher:
                 if failed_shards:
                     self.health.recovered(failed_shards, rerouted=not waiting)
                 break
-            failed_shards |= {shard for shard, _ in failed}  # the next round carries only their tokens
-            positions = torch.cat([positions[tok] for _, (tok, _) in failed])
-            ids = torch.cat([sub for _, (_, sub) in failed])
+            failed_shards |= {shard for shard, _, _ in failed}  # the next round carries only their tokens
+            positions = torch.cat([rows for _, rows, _ in failed])
+            ids = torch.cat([sub for _, _, sub in failed])
         self._count_experts(layer, indices)
         return out
 
     async def _round(self, layer: int, emap: ExpertMap, x: torch.Tensor, weights: torch.Tensor,
-                     positions: torch.Tensor, routes: dict, out: torch.Tensor, step_id: int) -> list:
-        """Send one round (the tokens at `positions` of x, routed by `routes`), add the answers into `out` ->
-        [(shard, (token rows within this round, expert ids))] of the shards that were UNAVAILABLE."""
-        batches = {shard: TokenBatch(layer, x[positions[tok]], ids, weights[positions[tok]], step_id=step_id,
+                     positions: torch.Tensor | None, routes: dict, out: torch.Tensor, step_id: int) -> list:
+        """Send one round (the tokens at `positions` of x, or all of x, routed by `routes` by their index within the
+        round), add the answers into `out` -> [(shard, rows of x, expert ids)] of the shards that were UNAVAILABLE."""
+        sent = {shard: (tok if positions is None else positions[tok], ids) for shard, (tok, ids) in routes.items()}
+        batches = {shard: TokenBatch(layer, x[rows], ids, weights[rows], step_id=step_id,
                                      expert_map_version=emap.version)
-                   for shard, (tok, ids) in routes.items()}
+                   for shard, (rows, ids) in sent.items()}
         replies = await asyncio.gather(*(self.transport.dispatch(s, b) for s, b in batches.items()),
                                        return_exceptions=True)
         failed = []
-        for (shard, (tok, ids)), reply in zip(routes.items(), replies):
+        for (shard, (rows, ids)), reply in zip(sent.items(), replies):
             if isinstance(reply, (errors.Unavailable, TimeoutError)):  # gone (or hung): not the request's fault
                 self.health.mark_down(shard, reply)
-                failed.append((shard, (tok, ids)))
+                failed.append((shard, rows, ids))
                 continue
             if isinstance(reply, BaseException):
                 raise reply
             self.health.answered(shard)
-            out.index_add_(0, positions[tok].to(x.device), reply.to(device=x.device, dtype=x.dtype))
+            out.index_add_(0, rows.to(x.device), reply.to(device=x.device, dtype=x.dtype))
             self._count(shard, batches[shard], reply)
         return failed
 

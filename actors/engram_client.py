@@ -101,7 +101,8 @@ class GrpcEngramTransport(EngramTransport):
     async def lookup(self, replica, row_ids, *, timeout_s, request_id=""):
         request = codec.encode_lookup(EngramLookup(row_ids, request_id))
         try:
-            reply = await self.pool.stub(replica, engram_pb2_grpc.EngramStub).Lookup(request, timeout=timeout_s, metadata=self.security.metadata)
+            reply = await self.pool.stub(replica, engram_pb2_grpc.EngramStub).Lookup(
+                request, timeout=timeout_s, metadata=self.security.metadata)
         except grpc.aio.UsageError:  # `refresh` closed this channel (the replica moved): the client asks again
             raise errors.Unavailable(f"replica {replica!r}: its channel was replaced (new address)") from None
         except grpc.aio.AioRpcError as e:

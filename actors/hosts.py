@@ -74,6 +74,7 @@ class ExpertShardHost(_GrpcHost):
                  port: int = 0, dtype: str = "float32", device: str = "cpu", batching: dict | None = None,
                  security: GrpcSecurity | None = None, expert_map_version: int = 0):
         super().__init__("expert-shard-io")
+        self.collective: CollectiveShardServer | None = None
         device = resolve_device(device)  # a clear DeviceUnavailable here, not a torch error mid-load
         ckpt = Checkpoint(model_dir)
         self.shard = ExpertShard.from_loader(ckpt.config, {int(k): list(v) for k, v in assignment.items()},
@@ -81,7 +82,6 @@ class ExpertShardHost(_GrpcHost):
                                              batching=BatchingConfig(**(batching or {})),
                                              expert_map_version=expert_map_version)
         self._serve(serve_expert_shard, self.shard, host, port, security)
-        self.collective: CollectiveShardServer | None = None
 
     def serve_collective(self, group: CollectiveGroup, peers: Sequence[int]) -> None:
         """Also serve the attention workers `peers` (ranks of `group`) over collectives, beside gRPC, on the same I/O
@@ -98,7 +98,7 @@ class ExpertShardHost(_GrpcHost):
                 "collective_requests": self.collective.requests if self.collective is not None else None}
 
     def shutdown(self) -> None:
-        if getattr(self, "collective", None) is not None:  # CLOSE to the workers, which move to gRPC
+        if self.collective is not None:  # CLOSE to the workers, which move to gRPC
             self.io.run(self.collective.stop(), timeout=5)
             self.collective = None
         super().shutdown()

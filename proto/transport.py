@@ -109,10 +109,7 @@ class ChannelPool:
         if address is None or address == self.addresses.get(dest):
             return False
         self.addresses[dest] = address
-        self._stubs = {key: stub for key, stub in self._stubs.items() if key[0] != dest}
-        channel = self._channels.pop(dest, None)
-        if channel is not None:
-            await channel.close()
+        await self._close_channel(dest)
         return True
 
     def add(self, dest: Hashable, address: str) -> None:
@@ -124,6 +121,10 @@ class ChannelPool:
     async def remove(self, dest: Hashable) -> None:
         """Forget a destination and close its channel (calls still in flight on it fail as cancelled)."""
         self.addresses.pop(dest, None)
+        await self._close_channel(dest)
+
+    async def _close_channel(self, dest: Hashable) -> None:
+        """Drop `dest`'s channel and stubs (the next `stub` call opens a new one at its current address)."""
         self._stubs = {key: stub for key, stub in self._stubs.items() if key[0] != dest}
         channel = self._channels.pop(dest, None)
         if channel is not None:
