@@ -36,27 +36,18 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter as PromCounter, Gauge
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from moemesh.cluster.placement import Placement
 from moemesh.cluster.plan_place import water_fill
-from moemesh.kernels.device_rules import check_device_resources
 
 log = logging.getLogger("moemesh.controller")
 Key = tuple[int, int]  # (layer, expert)
 
 
-class ReplicaPlacement(BaseModel):
+class ReplicaPlacement(Placement):
     """Ray resources each replica actor asks for. A resource that no running node has free (e.g. `NPU`, or a node
     type's marker) makes Ray's autoscaler launch a node of a type that has it."""
 
-    model_config = ConfigDict(extra="forbid")
     num_cpus: float = Field(0.5, ge=0, description="CPUs each replica actor reserves.")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs each replica actor reserves.")
-    resources: dict[str, float] = Field(default_factory=dict, description="Other Ray resources, e.g. {NPU: 1}.")
-    device: Literal["cpu", "cuda", "npu"] = Field("cpu", description="Torch device the replicas compute on.")
-
-    @model_validator(mode="after")
-    def _device_has_its_resource(self) -> "ReplicaPlacement":
-        check_device_resources(self.device, self.num_gpus, self.resources)
-        return self
 
 
 class AutoscalingConfig(BaseModel):
@@ -221,7 +212,6 @@ class ReplicaActor:
 
     name: str
     held: frozenset[Key]
-    version: int  # the first map version it serves
     address: str = ""
     active: set[Key] = field(default_factory=set)
 
@@ -340,15 +330,19 @@ class ExpertController:
         """{replica actor: {layer: expert ids}} of the map in force (actors with nothing active left out)."""
         return {a.name: a.assignment(a.active) for a in self.actors.values() if a.active}
 
+    def _map_in_force(self) -> tuple[dict[str, dict[int, list[int]]], dict[str, str]]:
+        """(`replicas()`, {replica actor: its address}): what a worker installs."""
+        replicas = self.replicas()
+        return replicas, {n: self.actors[n].address for n in replicas}
+
     def pool_sync(self, name: str, state: dict, loads: Mapping[str, int]) -> dict:
         """An autoscaled attention replica reports its map state and cumulative expert loads and gets the map in
         force back ({version, replicas, addresses}); it installs it itself (docs/serving.md). Synchronous, so the
         answer is one consistent map."""
         self.pool[name] = (self.clock(), dict(state))
         self._pool_loads[name] = {_key(k): int(v) for k, v in loads.items()}
-        replicas = self.replicas()
-        return {"version": self.version, "replicas": replicas,
-                "addresses": {n: self.actors[n].address for n in replicas}}
+        replicas, addresses = self._map_in_force()
+        return {"version": self.version, "replicas": replicas, "addresses": addresses}
 
     def _live_pool(self) -> dict[str, dict]:
         """Pool replicas heard from within `pool_ttl_s` (the others are forgotten)."""
@@ -448,8 +442,7 @@ class ExpertController:
         actors = []
         for keys in new_sets:
             self._names += 1
-            actors.append(ReplicaActor(f"replica-{self._run_id}-{self._names}", frozenset(keys), version,
-                                       active=set(keys)))
+            actors.append(ReplicaActor(f"replica-{self._run_id}-{self._names}", frozenset(keys), active=set(keys)))
         if not actors:
             return []
         results = await asyncio.gather(
@@ -469,8 +462,7 @@ class ExpertController:
     async def _install(self, only: Sequence[str] | None = None) -> None:
         """Send the map in force to every worker (or `only` these); a worker that cannot be reached gets it at a
         later tick (it then routes by its older map, whose replicas are still running, or by the base shards)."""
-        replicas = self.replicas()
-        addresses = {n: self.actors[n].address for n in replicas}
+        replicas, addresses = self._map_in_force()
         names = list(only) if only is not None else list(self.workers)
         await self._gather({n: self.workers[n].install_expert_map(self.version, replicas, addresses) for n in names})
 

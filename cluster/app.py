@@ -285,7 +285,7 @@ class RayReplicaBackend:
     """The controller's replica actors as plain Ray actors (an `ExpertShardHost` each), owned by the controller's
     process. They ask for `placement`'s resources: where no node has them free, Ray's autoscaler launches one."""
 
-    def __init__(self, model_dir: str, placement: dict, host: str, batching: dict, security: GrpcSecurity,
+    def __init__(self, model_dir: str, placement: Placement, host: str, batching: dict, security: GrpcSecurity,
                  app_name: str = "moemesh"):
         self.model_dir, self.placement, self.host = model_dir, placement, host
         self.batching, self.security, self.app_name = batching, security, app_name
@@ -295,13 +295,11 @@ class RayReplicaBackend:
     async def start(self, name: str, assignment: dict, version: int) -> str:
         import ray
 
-        p = self.placement
         cls = ray.remote(ExpertShardHost).options(
-            num_cpus=p["num_cpus"], num_gpus=p["num_gpus"], resources=dict(p["resources"]), max_restarts=0,
-            runtime_env={"env_vars": dict(ROLE_ENV)}, scheduling_strategy="SPREAD",
-            name=replica_actor_name(self.app_name, name), namespace=REPLICA_NAMESPACE)
-        handle = cls.remote(self.model_dir, assignment, self.host, device=p["device"], batching=self.batching,
-                            security=self.security, expert_map_version=version)
+            **self.placement.ray_options(), max_restarts=0, runtime_env={"env_vars": dict(ROLE_ENV)},
+            scheduling_strategy="SPREAD", name=replica_actor_name(self.app_name, name), namespace=REPLICA_NAMESPACE)
+        handle = cls.remote(self.model_dir, assignment, self.host, device=self.placement.device,
+                            batching=self.batching, security=self.security, expert_map_version=version)
         self.handles[name] = handle
         self._pending.add(name)
         try:
@@ -357,7 +355,7 @@ class ExpertControllerReplica(_RoleEdge):
                        batching: dict, host: str, security: GrpcSecurity):
         cfg = AutoscalingConfig.model_validate(autoscaling)
         n_experts = ModelConfig.from_file(model_dir).n_routed_experts
-        backend = RayReplicaBackend(model_dir, cfg.placement.model_dump(), host, batching, security,
+        backend = RayReplicaBackend(model_dir, cfg.placement, host, batching, security,
                                     serve.get_replica_context().app_name)
         workers = {f"attention-worker-{k}": HandlePort(h) for k, h in enumerate(worker_handles)}
         registry = role_registry()
@@ -538,8 +536,6 @@ def build_app(config: DeploymentConfig):
     mcfg = ModelConfig.from_file(model_dir)
     security = config.grpc_security()  # one cluster token per deploy; every shard and worker gets it
     assignment = config.experts.resolve(list(range(mcfg.num_hidden_layers)), mcfg.n_routed_experts)
-    shard_place = [(spec.placement if config.experts.assignment and spec.placement else config.experts.placement)
-                   for spec in (config.experts.assignment or [None] * len(assignment))]
     batching = {"max_wait_s": config.experts.batch_wait_ms / 1000, "max_tokens": config.experts.max_batch_tokens}
     att = config.attention
     collective = None
@@ -548,7 +544,7 @@ def build_app(config: DeploymentConfig):
                                     len(assignment) + att.replicas, len(assignment), config.experts.collective_port,
                                     config.experts.collective_timeout_s)
     experts = []
-    for i, (held, place) in enumerate(zip(assignment, shard_place)):
+    for i, (held, place) in enumerate(zip(assignment, config.experts.shard_placements())):
         extra = {} if collective is None else {"collective": collective, "rank": i,
                                                "store_handle": experts[0] if i else None}
         experts.append(serve.deployment(**_options(f"expert-shard-{i}", place))(ExpertShardReplica).bind(
@@ -612,10 +608,9 @@ def _ingress(config: DeploymentConfig, model_dir: str, workers: list, roles: lis
 
 def required_cpus(config: DeploymentConfig) -> float:
     """Logical CPUs the deployment reserves (what a local Ray must offer)."""
-    n_experts = config.experts.shards or len(config.experts.assignment)
     pool = config.attention.autoscaling.max_replicas if config.attention.autoscaling is not None else 0
     return ((config.attention.replicas + pool) * config.attention.placement.num_cpus
-            + n_experts * config.experts.placement.num_cpus
+            + sum(p.num_cpus for p in config.experts.shard_placements())
             + config.engram.shards * config.engram.replicas * config.engram.placement.num_cpus + 0.5)
 
 

@@ -106,10 +106,14 @@ def engine_one(engine, max_tokens: int):
 
 
 def machine() -> str:
+    """This machine in one line: CPU, OS, torch and the accelerators torch can use (found, not assumed)."""
     import os
 
+    from moemesh.kernels.device import local_accelerators
+
+    accelerators = ", ".join(f"{n:g} {kind}" for kind, n in local_accelerators().items() if n) or "no GPU"
     return f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, torch " \
-           f"{torch.__version__}, no GPU"
+           f"{torch.__version__}, {accelerators}"
 
 
 TABLE_HEAD = ("| path | concurrency | requests | decode tok/s | TTFT p50 s | TTFT p99 s | TPOT p50 ms | TPOT p99 ms |\n"

@@ -26,12 +26,13 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 from moemesh.actors.expert_controller import AutoscalingConfig
 from moemesh.actors.openai_protocol import IngressLimits
+from moemesh.cluster.placement import Placement  # noqa: F401 - part of this module's public names
 from moemesh.kernels.config import describe_validation_error
-from moemesh.kernels.device_rules import check_device_resources
 from moemesh.proto.auth import GrpcSecurity, TlsFiles
 
 MIN_API_KEY_LENGTH = 16
 SERVE_IMPORT_PATH = "moemesh.cluster.serve_entry:app_builder"  # a Serve config file's moemesh application
+SERVE_ARGS_CONFIG_KEY = "config"  # Serve args key holding a config file path (DeploymentConfig has no such field)
 
 
 class ConfigFileError(ValueError):
@@ -40,24 +41,6 @@ class ConfigFileError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class Placement(_Strict):
-    """Where a role's processes may run: Ray resources each process asks for (a custom resource that only some
-    nodes carry, e.g. `{"expert_node": 0.01}`, pins the role to those nodes)."""
-
-    num_cpus: float = Field(1.0, ge=0, description="CPUs each process reserves.")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs each process reserves (the `GPU` resource).")
-    resources: dict[str, float] = Field(default_factory=dict, description="Other Ray resources, e.g. NPU or markers.")
-    device: Literal["cpu", "cuda", "npu"] = Field("cpu", description="Torch device the role computes on.")
-
-    @model_validator(mode="after")
-    def _device_has_its_resource(self) -> "Placement":
-        check_device_resources(self.device, self.num_gpus, self.resources)
-        return self
-
-    def ray_options(self) -> dict:
-        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "resources": dict(self.resources)}
 
 
 class AttentionAutoscaling(_Strict):
@@ -147,6 +130,12 @@ class ExpertsConfig(_Strict):
         if (self.shards is None) == (self.assignment is None):
             raise ValueError("set exactly one of `shards` (a count) and `assignment` (a list)")
         return self
+
+    def shard_placements(self) -> list[Placement]:
+        """Each shard's placement (an assignment entry's own, else `placement`), in shard order."""
+        if self.assignment is None:
+            return [self.placement] * self.shards
+        return [spec.placement or self.placement for spec in self.assignment]
 
     def collective_backend(self) -> str:
         """The process group backend for `transport: collective`: by the shards' device."""
@@ -316,22 +305,37 @@ class DeploymentConfig(_Strict):
         return cls.from_dict(data, source=str(path))
 
     @classmethod
+    def from_serve_args(cls, args: dict | None, source: str = "serve args",
+                        base_dir: Path | None = None) -> "DeploymentConfig":
+        """The config a Serve application's `args` describe (cluster/serve_entry.py): the fields inline, or
+        `{config: PATH}` and nothing else (a relative PATH is read from `base_dir`, else the working directory)."""
+        if args is None:
+            args = {}
+        if not isinstance(args, dict):
+            raise ConfigFileError(f"{source}: expected a mapping, got {type(args).__name__}")
+        if SERVE_ARGS_CONFIG_KEY not in args:
+            return cls.from_dict(args, source=source)
+        others = sorted(k for k in args if k != SERVE_ARGS_CONFIG_KEY)
+        if others:
+            raise ConfigFileError(f"{source}: `{SERVE_ARGS_CONFIG_KEY}` (a file) excludes inline fields; got also "
+                                  f"{others}")
+        path = args[SERVE_ARGS_CONFIG_KEY]
+        if not isinstance(path, str) or not path:
+            raise ConfigFileError(f"{source}.{SERVE_ARGS_CONFIG_KEY}: expected the path of a deployment config "
+                                  f"file, got {path!r}")
+        return cls.from_yaml(path if base_dir is None else Path(base_dir) / path)
+
+    @classmethod
     def _from_serve_file(cls, data: dict, path: Path) -> "DeploymentConfig":
-        """A Ray Serve config file (what `serve deploy` takes): the args of its moemesh application (inline fields, or
-        `{config: PATH}`), with `http_options.host/port` as the ingress address."""
+        """A Ray Serve config file (what `serve deploy` takes): the args of its moemesh application, with
+        `http_options.host/port` as the ingress address."""
         apps = [a for a in data.get("applications") or []
                 if isinstance(a, dict) and a.get("import_path") == SERVE_IMPORT_PATH]
         if len(apps) != 1:
             raise ConfigFileError(f"{path}: applications: expected exactly one with import_path "
                                   f"{SERVE_IMPORT_PATH!r}, found {len(apps)}")
-        args = apps[0].get("args") or {}
-        if not isinstance(args, dict):
-            raise ConfigFileError(f"{path}: applications[].args: expected a mapping, got {type(args).__name__}")
-        if set(args) == {"config"}:
-            config = cls.from_yaml(Path(path).parent / args["config"] if not Path(args["config"]).is_absolute()
-                                   else args["config"])
-        else:
-            config = cls.from_dict(args, source=f"{path}: applications[].args")
+        config = cls.from_serve_args(apps[0].get("args"), source=f"{path}: applications[].args",
+                                     base_dir=path.parent)
         http = data.get("http_options") or {}
         ingress = {k: http[k] for k in ("host", "port") if k in http}
         if ingress:

@@ -10,32 +10,37 @@ from __future__ import annotations
 from collections import Counter
 
 from moemesh.cluster.config import ConfigFileError, DeploymentConfig, Placement
-from moemesh.kernels.device import accelerator_shortfall
+ACCELERATORS = ("GPU", "NPU")  # the Ray resources that hand a process a device (cuda, npu)
+HINT = {"GPU": "a CUDA build of torch on nodes with NVIDIA GPUs",
+        "NPU": "torch_npu + CANN on Ascend nodes (Ray advertises `NPU` there)"}
 
 
 def _per_process(p: Placement) -> Counter:
-    need = Counter({"GPU": p.num_gpus})
-    for name in ("NPU",):
-        need[name] += p.resources.get(name, 0.0)
-    return need
+    return Counter({"GPU": p.num_gpus, "NPU": p.resources.get("NPU", 0.0)})
 
 
 def requested_accelerators(config: DeploymentConfig) -> dict[str, float]:
     """{"GPU": n, "NPU": n}: summed over every process the config starts (attention ranks, expert shards, Engram
     shards; expert replicas the controller may add later are not counted: they are what an autoscaling cluster
-    grows for)."""
+    grows for; the attention pool counts with its `min_replicas`, the replicas that must always run)."""
     total: Counter = Counter()
-    for _ in range(config.attention.replicas):
+    pool = config.attention.autoscaling
+    for _ in range(config.attention.replicas + (pool.min_replicas if pool is not None else 0)):
         total += _per_process(config.attention.placement)
-    if config.experts.assignment is not None:
-        for spec in config.experts.assignment:
-            total += _per_process(spec.placement or config.experts.placement)
-    else:
-        for _ in range(config.experts.shards or 0):
-            total += _per_process(config.experts.placement)
+    for placement in config.experts.shard_placements():
+        total += _per_process(placement)
     for _ in range(config.engram.shards * config.engram.replicas):
         total += _per_process(config.engram.placement)
-    return {name: float(total.get(name, 0.0)) for name in ("GPU", "NPU")}
+    return {name: float(total.get(name, 0.0)) for name in ACCELERATORS}
+
+
+def accelerator_shortfall(requested: dict[str, float], available: dict[str, float]) -> str | None:
+    """{"GPU": n, "NPU": n} asked for against what the cluster has (`ray.cluster_resources()`) -> None if they fit,
+    else a message naming what is missing."""
+    short = {name: (need, available.get(name, 0.0)) for name, need in requested.items()
+             if name in ACCELERATORS and need > available.get(name, 0.0) + 1e-9}
+    return "; ".join(f"the config requests {need:g} {name} but the cluster has {have:g} (needs {HINT[name]})"
+                     for name, (need, have) in short.items()) or None
 
 
 def check_accelerators(config: DeploymentConfig, available: dict[str, float]) -> None:

@@ -23,30 +23,11 @@ from __future__ import annotations
 from ray.serve import Application
 
 from moemesh.cluster.app import build_app
-from moemesh.cluster.config import ConfigFileError, DeploymentConfig
-
-CONFIG_KEY = "config"  # args key holding a config file path (DeploymentConfig has no field of that name)
-
-
-def config_from_args(args: dict | None) -> DeploymentConfig:
-    """The `DeploymentConfig` a Serve `args` mapping describes (inline fields, or `{config: PATH}`); errors name the
-    field and the value (`ConfigFileError`)."""
-    if args is None:
-        args = {}
-    if not isinstance(args, dict):
-        raise ConfigFileError(f"serve args: expected a mapping, got {type(args).__name__}")
-    if CONFIG_KEY not in args:
-        return DeploymentConfig.from_dict(args, source="serve args")
-    others = sorted(k for k in args if k != CONFIG_KEY)
-    if others:
-        raise ConfigFileError(f"serve args: `{CONFIG_KEY}` (a file) excludes inline fields; got also {others}")
-    path = args[CONFIG_KEY]
-    if not isinstance(path, str) or not path:
-        raise ConfigFileError(f"serve args.{CONFIG_KEY}: expected the path of a deployment config file, got {path!r}")
-    return DeploymentConfig.from_yaml(path)
+from moemesh.cluster.config import DeploymentConfig
 
 
 def app_builder(args: dict) -> Application:
-    """Serve's application builder: `args` (see the module docstring) -> the moemesh application. Binds deployments
-    only; it neither starts nor connects to Ray."""
-    return build_app(config_from_args(args))
+    """Serve's application builder: `args` (see the module docstring; parsed by `DeploymentConfig.from_serve_args`,
+    whose errors name the field and the value) -> the moemesh application. Binds deployments only; it neither starts
+    nor connects to Ray."""
+    return build_app(DeploymentConfig.from_serve_args(args))

@@ -30,8 +30,6 @@ from typing import Literal
 
 import torch
 
-from moemesh.kernels.device_rules import check_device_resources  # noqa: F401 - re-exported
-
 KernelPath = Literal["reference", "triton", "torch_npu"]
 BACKENDS = ("cpu", "cuda", "npu")
 _NPU_INSTALL = ("install the `ascend` extra (pip install 'moemesh[ascend]'; pick the torch_npu release matching your "
@@ -227,10 +225,7 @@ def describe(device: torch.device) -> str:
     return ", ".join(parts)
 
 
-# ---- Ray resources ---------------------------------------------------------------------------------------------------
-RAY_RESOURCE = {"cuda": "GPU", "npu": "NPU"}  # Ray resource that hands a process one device of that backend
-
-
+# ---- what this machine has ------------------------------------------------------------------------------------------
 def local_accelerators() -> dict[str, float]:
     """{"GPU": n, "NPU": n} this machine's torch can use (what a local Ray would offer). torch_npu is imported only
     when it is installed, and a broken install (no CANN) counts as no NPU."""
@@ -243,16 +238,3 @@ def local_accelerators() -> dict[str, float]:
         except DeviceUnavailable:
             npus = 0
     return {"GPU": float(gpus), "NPU": float(npus)}
-
-
-def accelerator_shortfall(requested: dict[str, float], available: dict[str, float]) -> str | None:
-    """Ray resources a deployment asks for ({"GPU": 8, "NPU": 0}, summed over every process) against what the
-    cluster has (`ray.cluster_resources()`) -> None if they fit, else a message naming what is missing."""
-    short = {name: (need, available.get(name, 0.0)) for name, need in requested.items()
-             if name in RAY_RESOURCE.values() and need > available.get(name, 0.0) + 1e-9}
-    if not short:
-        return None
-    hint = {"GPU": "a CUDA build of torch on nodes with NVIDIA GPUs", "NPU": "torch_npu + CANN on Ascend nodes "
-            "(Ray advertises `NPU` there)"}
-    return "; ".join(f"the config requests {need:g} {name} but the cluster has {have:g} (needs {hint[name]})"
-                     for name, (need, have) in short.items())

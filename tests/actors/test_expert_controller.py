@@ -86,7 +86,7 @@ def test_load_meter_rates_over_the_window_and_survives_a_worker_restart():
 
 
 def _actor(name, held, active=None):
-    return ReplicaActor(name, frozenset(held), 1, f"{name}:1", set(held if active is None else active))
+    return ReplicaActor(name, frozenset(held), f"{name}:1", set(held if active is None else active))
 
 
 def test_change_replicas_empties_small_actors_first_reuses_weights_then_packs_new_actors():

@@ -10,15 +10,16 @@ everything started here is stopped with `serve.shutdown()` / `Cluster.shutdown()
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
-import secrets
 import socket
 import threading
 import time
 
 import httpx
 import pytest
+import torch
 
 
 def _free_port() -> int:
@@ -29,9 +30,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray 2.60: token auth stays on; our nodes share this token
-    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")  # token auth: tests/conftest.py
     import ray
     from ray.cluster_utils import Cluster
 
@@ -76,6 +75,56 @@ def served(ray_cluster, tiny_model_dir):
     serve.shutdown()
 
 
+@pytest.fixture(scope="session")
+def side_app(served, tiny_model_dir):
+    """`with side_app(name, config) as url:` a second application `name` (a deployment config dict, on the tiny
+    model) on the session's cluster and Serve, beside the `moemesh` app, at route `/name`: its API base URL. Deleted
+    on exit, so what a test does to it (kills, scaling) disturbs no other test."""
+    from ray import serve
+
+    from moemesh.cluster.app import build_app
+    from moemesh.cluster.config import DeploymentConfig
+
+    @contextlib.contextmanager
+    def run(name: str, config: dict):
+        serve.run(build_app(DeploymentConfig.from_dict({**config, "model": str(tiny_model_dir)})), name=name,
+                  route_prefix=f"/{name}")
+        try:
+            yield served[0].removesuffix("/v1") + f"/{name}/v1"
+        finally:
+            serve.delete(name)
+    return run
+
+
+class Reference:
+    """The tiny model run in this process: the exact text every served answer must equal."""
+
+    def __init__(self, model_dir):
+        from tokenizers import Tokenizer
+
+        import moemesh
+
+        self.model = moemesh.load_model(model_dir)
+        self.vocab_size = self.model.config.vocab_size
+        self._decode = Tokenizer.from_file(f"{model_dir}/tokenizer.json").decode
+
+    def prompts(self, seed: int, lengths=(2, 5, 9, 17), low: int = 3, high: int | None = None) -> list[list[int]]:
+        """Random prompts of `lengths` tokens drawn from [low, high) (default: the vocabulary past 3 specials)."""
+        g = torch.Generator().manual_seed(seed)
+        return [torch.randint(low, high or self.vocab_size, (n,), generator=g).tolist() for n in lengths]
+
+    def texts(self, prompts: list[list[int]], max_tokens: int) -> list[str]:
+        """Each prompt's greedy completion of exactly `max_tokens` tokens (no EOS stop), decoded as the API does."""
+        return [self._decode(self.model.generate(torch.tensor([p]), max_new_tokens=max_tokens, eos_token_id=None)
+                             [0, len(p):].tolist(), skip_special_tokens=True) for p in prompts]
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_model_dir) -> Reference:
+    """`Reference` over the tiny model: `.prompts(seed, ...)`, `.texts(prompts, max_tokens)`."""
+    return Reference(tiny_model_dir)
+
+
 def _wait_until(what: str, probe, timeout_s: float = 180.0, every_s: float = 0.5):
     """Poll `probe()` until it returns something truthy (bounded)."""
     deadline = time.monotonic() + timeout_s
@@ -105,6 +154,13 @@ class HttpLoad:
         self._stop.set()
         self._thread.join(timeout_s)
         assert not self._thread.is_alive(), "the load did not finish in time"
+
+    def check(self, expected: list[str]) -> None:
+        """Every request answered (HTTP 200) with exactly `expected[its prompt index]`."""
+        failed = [(p, status, text[:300]) for p, status, text in self.results if status != 200]
+        assert not failed, failed[:5]
+        wrong = [(p, text, expected[p]) for p, _, text in self.results if text != expected[p]]
+        assert not wrong, wrong[:5]
 
     async def _run(self) -> None:
         async with httpx.AsyncClient(timeout=300) as client:
@@ -147,5 +203,6 @@ def wait_until():
 @pytest.fixture(scope="session")
 def http_load():
     """`http_load(url, prompts, concurrency=32, max_tokens=12).start()`: steady greedy completions (some
-    streamed) until `.stop()`; `.results` holds (prompt index, status or -1, text or error) of every request."""
+    streamed) until `.stop()`; `.results` holds (prompt index, status or -1, text or error) of every request;
+    `.check(expected)` asserts each was answered with its expected text."""
     return HttpLoad

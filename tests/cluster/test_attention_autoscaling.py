@@ -14,10 +14,6 @@ import asyncio
 
 import httpx
 import pytest
-import torch
-from tokenizers import Tokenizer
-
-import moemesh
 from moemesh.actors.generation import ElasticWorker, GenerationParams
 from moemesh.cluster.config import ConfigFileError, DeploymentConfig
 
@@ -241,25 +237,15 @@ POOL_CONFIG = {
 
 
 @pytest.fixture(scope="module")
-def pool_app(served, tiny_model_dir):
-    from ray import serve
-
-    from moemesh.cluster.app import build_app
-
-    url, _, _ = served
-    config = DeploymentConfig.from_dict({**POOL_CONFIG, "model": str(tiny_model_dir)})
-    serve.run(build_app(config), name="pool", route_prefix="/pool")
-    yield url.removesuffix("/v1") + "/pool/v1"
-    serve.delete("pool")
+def pool_app(side_app):
+    with side_app("pool", POOL_CONFIG) as url:
+        yield url
 
 
 def _pool_replicas() -> int:
-    from ray import serve
-    from ray.serve.schema import ReplicaState
+    from moemesh.cluster.app import POOL, _running_replicas
 
-    app = serve.status().applications.get("pool")
-    dep = app.deployments.get("attention-pool") if app is not None else None
-    return dep.replica_states.get(ReplicaState.RUNNING, 0) if dep is not None else 0
+    return asyncio.run(_running_replicas("pool", POOL))
 
 
 def _handle(deployment: str):
@@ -290,13 +276,9 @@ async def _cancel_on_the_pool() -> tuple[int, float, float]:
 
 
 @pytest.mark.timeout(600)
-def test_the_pool_grows_with_the_queue_and_goes_back_to_zero(pool_app, tiny_model_dir, wait_until, http_load):
-    reference = moemesh.load_model(tiny_model_dir)
-    decode = Tokenizer.from_file(f"{tiny_model_dir}/tokenizer.json").decode
-    g = torch.Generator().manual_seed(7)
-    prompts = [torch.randint(3, reference.config.vocab_size, (n,), generator=g).tolist() for n in (2, 5, 9, 17)]
-    expected = [decode(reference.generate(torch.tensor([p]), max_new_tokens=MAX_TOKENS, eos_token_id=None)
-                       [0, len(p):].tolist(), skip_special_tokens=True) for p in prompts]
+def test_the_pool_grows_with_the_queue_and_goes_back_to_zero(pool_app, reference, wait_until, http_load):
+    prompts = reference.prompts(7)
+    expected = reference.texts(prompts, MAX_TOKENS)
 
     r = httpx.post(f"{pool_app}/completions", timeout=120, json={"model": "tiny", "prompt": prompts[0],
                                                                  "max_tokens": 2})
@@ -320,9 +302,6 @@ def test_the_pool_grows_with_the_queue_and_goes_back_to_zero(pool_app, tiny_mode
         load.stop()
     wait_until("the pool back at zero after the load", lambda: _pool_replicas() == 0, timeout_s=120)
 
-    failed = [x for x in load.results if x[1] != 200]
-    assert not failed, failed[:3]
-    wrong = [(p, text, expected[p]) for p, _, text in load.results if text != expected[p]]
-    assert not wrong, wrong[:3]
+    load.check(expected)
     assert _handle("attention-worker-0").load.remote().result(timeout_s=60) == 0
     print(f"requests: {len(load.results)} answered, all equal to the reference")

@@ -13,10 +13,6 @@ import time
 
 import httpx
 import pytest
-import torch
-from tokenizers import Tokenizer
-
-import moemesh
 
 CONCURRENCY = 8
 MAX_TOKENS = 8
@@ -36,17 +32,9 @@ SCALE_CONFIG = {
 
 
 @pytest.fixture(scope="module")
-def scale_app(served, tiny_model_dir):
-    from ray import serve
-
-    from moemesh.cluster.app import build_app
-    from moemesh.cluster.config import DeploymentConfig
-
-    url, _, _ = served
-    config = DeploymentConfig.from_dict({**SCALE_CONFIG, "model": str(tiny_model_dir)})
-    serve.run(build_app(config), name="scale", route_prefix="/scale")
-    yield url.removesuffix("/v1") + "/scale/v1"
-    serve.delete("scale")
+def scale_app(side_app):
+    with side_app("scale", SCALE_CONFIG) as url:
+        yield url
 
 
 def _handle(deployment: str):
@@ -92,22 +80,10 @@ def _phase(ctl_changes: dict | None = None) -> tuple[list[dict], dict]:
     return decisions, _call("expert-controller", "state")
 
 
-def _prompts(low: int, high: int, seed: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(low, high, (n,), generator=g).tolist() for n in (2, 5, 9, 17)]
-
-
 @pytest.mark.timeout(1200)
-def test_replicas_follow_the_load_with_no_failed_request(scale_app, tiny_model_dir, wait_until, http_load):
-    reference = moemesh.load_model(tiny_model_dir)
-    decode = Tokenizer.from_file(f"{tiny_model_dir}/tokenizer.json").decode
-    vocab = reference.config.vocab_size
-    load_a, load_b = _prompts(3, vocab // 2, 11), _prompts(vocab // 2, vocab, 12)  # different tokens, other experts
-
-    def want(prompts):
-        return [decode(reference.generate(torch.tensor([p]), max_new_tokens=MAX_TOKENS, eos_token_id=None)
-                       [0, len(p):].tolist(), skip_special_tokens=True) for p in prompts]
-
+def test_replicas_follow_the_load_with_no_failed_request(scale_app, reference, wait_until, http_load):
+    half = reference.vocab_size // 2
+    load_a, load_b = reference.prompts(11, high=half), reference.prompts(12, low=half)  # other tokens, other experts
     wait_until("the scale app to answer", lambda: httpx.post(f"{scale_app}/completions", timeout=120, json={
         "model": "tiny", "prompt": load_a[0], "max_tokens": 2}).status_code == 200)
     loads = []
@@ -152,11 +128,7 @@ def test_replicas_follow_the_load_with_no_failed_request(scale_app, tiny_model_d
             load.stop()
 
     for load, prompts in zip(loads, (load_a, load_b)):
-        expected = want(prompts)
-        failed = [r for r in load.results if r[1] != 200]
-        assert not failed, failed[:3]
-        wrong = [(p, text, expected[p]) for p, _, text in load.results if text != expected[p]]
-        assert not wrong, wrong[:3]
+        load.check(reference.texts(prompts, MAX_TOKENS))
     decisions = _call("expert-controller", "state")["decisions"]
     print(f"requests: {sum(len(x.results) for x in loads)} answered; decisions: {len(decisions)}; "
           f"hot before {sorted(hot_a)} after {sorted(hot_b)}")

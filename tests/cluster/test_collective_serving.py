@@ -16,9 +16,6 @@ import signal
 import httpx
 import pytest
 import torch
-from tokenizers import Tokenizer
-
-import moemesh
 from moemesh.proto import errors
 from moemesh.proto.collective import HybridTransport
 from moemesh.proto.transport import ExpertTransport
@@ -37,17 +34,9 @@ COLLECTIVE_CONFIG = {
 
 
 @pytest.fixture(scope="module")
-def collective_app(served, tiny_model_dir):
-    from ray import serve
-
-    from moemesh.cluster.app import build_app
-    from moemesh.cluster.config import DeploymentConfig
-
-    url, _, _ = served
-    config = DeploymentConfig.from_dict({**COLLECTIVE_CONFIG, "model": str(tiny_model_dir)})
-    serve.run(build_app(config), name=APP, route_prefix=f"/{APP}")
-    yield url.removesuffix("/v1") + f"/{APP}/v1"
-    serve.delete(APP)
+def collective_app(side_app):
+    with side_app(APP, COLLECTIVE_CONFIG) as url:
+        yield url
 
 
 def _call(deployment: str, method: str, timeout_s: float = 60):
@@ -66,13 +55,9 @@ def _links() -> dict[str, int]:
 
 
 @pytest.mark.timeout(900)
-def test_collective_transport_serves_and_falls_back_to_grpc(collective_app, tiny_model_dir, wait_until, http_load):
-    reference = moemesh.load_model(tiny_model_dir)
-    decode = Tokenizer.from_file(f"{tiny_model_dir}/tokenizer.json").decode
-    g = torch.Generator().manual_seed(7)
-    prompts = [torch.randint(3, reference.config.vocab_size, (n,), generator=g).tolist() for n in (2, 5, 9, 17)]
-    want = [decode(reference.generate(torch.tensor([p]), max_new_tokens=MAX_TOKENS, eos_token_id=None)[0, len(p):]
-                   .tolist(), skip_special_tokens=True) for p in prompts]
+def test_collective_transport_serves_and_falls_back_to_grpc(collective_app, reference, wait_until, http_load):
+    prompts = reference.prompts(7)
+    want = reference.texts(prompts, MAX_TOKENS)
     wait_until("the collective app to answer", lambda: httpx.post(f"{collective_app}/completions", timeout=120, json={
         "model": "tiny", "prompt": prompts[0], "max_tokens": 2}).status_code == 200, timeout_s=300)
 
@@ -96,10 +81,7 @@ def test_collective_transport_serves_and_falls_back_to_grpc(collective_app, tiny
     finally:
         load.stop()
 
-    failed = [(p, status, text[:300]) for p, status, text in load.results if status != 200]
-    assert not failed, failed[:5]
-    wrong = [(p, text, want[p]) for p, _, text in load.results if text != want[p]]
-    assert not wrong, wrong[:5]
+    load.check(want)
     print(f"requests: {len(load.results)}; replies by link before the kill {before}, at the end {after}")
 
 

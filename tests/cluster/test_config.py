@@ -49,6 +49,18 @@ def test_an_assignment_missing_experts_is_refused():
         config.experts.resolve([0], 4)
 
 
+def test_each_shard_takes_its_own_placement_else_the_default():
+    from moemesh.cluster.app import required_cpus
+
+    config = DeploymentConfig.from_dict({"experts": {
+        "assignment": [{"experts": {0: [0]}, "placement": {"num_cpus": 3}}, {"experts": {0: [1]}}],
+        "placement": {"num_cpus": 0.5}}})
+    assert [p.num_cpus for p in config.experts.shard_placements()] == [3, 0.5]
+    assert [p.num_cpus for p in DeploymentConfig().experts.shard_placements()] == [1.0, 1.0]  # `shards: 2`
+    # 1 attention rank + both shards + 2 Engram shards (1 CPU each) + the ingress's 0.5
+    assert required_cpus(config) == 1 + 3.5 + 2 + 0.5
+
+
 # ---- security settings (docs/security.md) ----------------------------------------------------------------------------
 KEY = "sk-config-0123456789abcdef"
 
@@ -107,3 +119,17 @@ def test_grpc_tls_files_must_exist_and_be_pem(tmp_path):
                                 ("key_file", tmp_path / "plain.txt", "not a PEM file")):
         with pytest.raises(ConfigFileError, match=f"grpc_tls.{field}: .*{needle}"):
             DeploymentConfig.from_dict({"grpc_tls": {**good, field: str(path)}})
+
+
+def test_a_serve_config_file_reads_its_app_args_and_http_address(tmp_path):
+    """`moemesh serve serve-app.yaml`: the moemesh application's args (here `{config: PATH}`, relative to the file)
+    and `http_options` as the ingress address; the args follow Serve's rules (serve_entry.app_builder)."""
+    (tmp_path / "deployment.yaml").write_text("experts: {shards: 4}\ningress: {port: 9000, model_name: m}")
+    app = "{import_path: moemesh.cluster.serve_entry:app_builder, args: %s}"
+    serve_file = tmp_path / "serve.yaml"
+    serve_file.write_text(f"http_options: {{port: 8123}}\napplications: [{app % '{config: deployment.yaml}'}]")
+    config = DeploymentConfig.from_yaml(serve_file)
+    assert (config.experts.shards, config.ingress.port, config.ingress.model_name) == (4, 8123, "m")
+    serve_file.write_text(f"applications: [{app % '{config: deployment.yaml, model: tiny}'}]")
+    with pytest.raises(ConfigFileError, match=r"serve.yaml: applications\[\]\.args: `config` .* excludes"):
+        DeploymentConfig.from_yaml(serve_file)

@@ -17,9 +17,9 @@ import jsonschema
 import pytest
 import yaml
 
-from moemesh.cluster.config import ConfigFileError
+from moemesh.cluster.config import ConfigFileError, DeploymentConfig
 from moemesh.cluster.plan_apply import NODE_RESOURCE_PREFIX
-from moemesh.cluster.serve_entry import app_builder, config_from_args
+from moemesh.cluster.serve_entry import app_builder
 from moemesh.cluster.topology import LABEL_PREFIX
 
 REPO = Path(__file__).resolve().parents[2]
@@ -191,7 +191,7 @@ def test_serve_app_file_passes_serve_schema_and_our_config():
     [app] = schema.applications
     assert app.name == "moemesh"
     assert _check_builder_import_path(app.import_path) is app_builder
-    config_from_args(app.args)
+    DeploymentConfig.from_serve_args(app.args)
 
 
 def test_app_builder_builds_the_app_without_ray(tiny_model_dir):
@@ -209,7 +209,7 @@ def test_app_builder_builds_the_app_without_ray(tiny_model_dir):
 def test_app_builder_reads_a_config_file(tiny_model_dir, tmp_path):
     path = tmp_path / "deployment.yaml"
     path.write_text(yaml.safe_dump({"model": str(tiny_model_dir), "experts": {"shards": 4}}))
-    assert config_from_args({"config": str(path)}).experts.shards == 4
+    assert DeploymentConfig.from_serve_args({"config": str(path)}).experts.shards == 4
 
 
 @pytest.mark.parametrize("args, match", [
@@ -221,7 +221,7 @@ def test_app_builder_reads_a_config_file(tiny_model_dir, tmp_path):
 ])
 def test_bad_serve_args_name_the_field(args, match):
     with pytest.raises(ConfigFileError, match=match):
-        config_from_args(args)
+        DeploymentConfig.from_serve_args(args)
 
 
 # ---- KubeRay RayService --------------------------------------------------------------------------------------------
@@ -240,7 +240,7 @@ def test_rayservice_manifest_has_the_required_fields():
     schema = ServeDeploySchema.model_validate(serve_config)
     for app in schema.applications:
         _check_builder_import_path(app.import_path)
-        config_from_args(app.args)
+        DeploymentConfig.from_serve_args(app.args)
     cluster = spec["rayClusterConfig"]
     assert cluster["enableInTreeAutoscaling"] is True
     assert cluster["authOptions"]["mode"] == "token"

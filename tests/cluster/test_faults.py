@@ -15,10 +15,6 @@ import time
 
 import httpx
 import pytest
-import torch
-from tokenizers import Tokenizer
-
-import moemesh
 
 CONCURRENCY = 32
 MAX_TOKENS = 12
@@ -38,18 +34,10 @@ FAULT_CONFIG = {
 
 
 @pytest.fixture(scope="module")
-def fault_app(served, tiny_model_dir):
+def fault_app(side_app):
     """The `faults` application on the session's cluster and Serve: its API base URL."""
-    from ray import serve
-
-    from moemesh.cluster.app import build_app
-    from moemesh.cluster.config import DeploymentConfig
-
-    url, config, _ = served
-    fault_config = DeploymentConfig.from_dict({**FAULT_CONFIG, "model": str(tiny_model_dir)})
-    serve.run(build_app(fault_config), name="faults", route_prefix="/faults")
-    yield url.removesuffix("/v1") + "/faults/v1"
-    serve.delete("faults")
+    with side_app("faults", FAULT_CONFIG) as url:
+        yield url
 
 
 def _handle(deployment: str):
@@ -85,14 +73,9 @@ def _expert_incident(shard: int, since: float, key: str):
 
 
 @pytest.mark.timeout(1200)
-def test_no_request_fails_while_shards_and_workers_die(fault_app, tiny_model_dir, wait_until, http_load):
-    reference = moemesh.load_model(tiny_model_dir)
-    decode = Tokenizer.from_file(f"{tiny_model_dir}/tokenizer.json").decode
-    g = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(3, reference.config.vocab_size, (n,), generator=g).tolist()
-               for n in (1, 3, 5, 8, 13, 21, 34, 55)]
-    want = [decode(reference.generate(torch.tensor([p]), max_new_tokens=MAX_TOKENS, eos_token_id=None)[0, len(p):]
-                   .tolist(), skip_special_tokens=True) for p in prompts]
+def test_no_request_fails_while_shards_and_workers_die(fault_app, reference, wait_until, http_load):
+    prompts = reference.prompts(5, (1, 3, 5, 8, 13, 21, 34, 55))
+    want = reference.texts(prompts, MAX_TOKENS)
     wait_until("the faults app to answer", lambda: httpx.post(f"{fault_app}/completions", timeout=120, json={
         "model": "tiny", "prompt": prompts[0], "max_tokens": 2}).status_code == 200)
 
@@ -140,7 +123,4 @@ def test_no_request_fails_while_shards_and_workers_die(fault_app, tiny_model_dir
 
     print("\nrecovery (s):", json.dumps({k: round(v, 2) for k, v in recovery.items()}, indent=1))
     print(f"requests: {len(load.results)} answered, concurrency {CONCURRENCY}")
-    failed = [(p, status, text[:300]) for p, status, text in load.results if status != 200]
-    assert not failed, failed[:5]
-    wrong = [(p, text, want[p]) for p, _, text in load.results if text != want[p]]
-    assert not wrong, wrong[:5]
+    load.check(want)

@@ -14,7 +14,7 @@ from moemesh.cluster.plan_loads import read_loads, scale_loads, write_loads, zip
 from moemesh.cluster.plan_place import pack_rounds, water_fill
 from moemesh.cluster.plan_sample import sample_layer_cost
 from moemesh.cluster.plan_shape import PRESETS, ModelShape, resolve_model
-from moemesh.cluster.planner import MemoryBudget, PlanError, plan
+from moemesh.cluster.planner import MemoryBudget, PlanError, migration_bytes, plan
 from moemesh.cluster.topology import load_topology, validate_spec
 
 NO_KV = MemoryBudget(sequences_per_rank=0, reserve_fraction=0.0)
@@ -203,8 +203,15 @@ def test_replanning_with_the_same_loads_moves_nothing():
     assert first.figures.migration_bytes == first.replica_expert.size * shape.expert_bytes
     again = plan(topo, shape, loads, previous=first)
     assert again.figures.migration_bytes == 0
-    moved = plan(topo, shape, zipf_loads(4, 256, 0.8, 32 * 64 * 6, 1), previous=first, min_gain=0.0)
+    new_loads = zipf_loads(4, 256, 0.8, 32 * 64 * 6, 1)
+    moved = plan(topo, shape, new_loads, previous=first, min_gain=0.0)
     assert 0 < moved.figures.migration_bytes < first.figures.migration_bytes
+    # the same replicas as a plan made from scratch, but whole devices swapped within nodes to keep what they hold
+    fresh = plan(topo, shape, new_loads)
+    assert moved.grouping.label == fresh.grouping.label == first.grouping.label
+    assert (np.sort(moved.replica_expert, 1) == np.sort(fresh.replica_expert, 1)).all()
+    assert moved.figures.migration_bytes < migration_bytes(fresh.replica_expert, fresh.replica_device,
+                                                           first.replica_expert, first.replica_device, shape, 32)
 
 
 # ---- Engram ----------------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from moemesh.cluster.config import ConfigFileError, DeploymentConfig
-from moemesh.cluster.preflight import check_accelerators, requested_accelerators
+from moemesh.cluster.preflight import accelerator_shortfall, check_accelerators, requested_accelerators
 
 GPU = {"num_gpus": 1, "device": "cuda"}
 NPU = {"resources": {"NPU": 1}, "device": "npu"}
@@ -36,3 +36,15 @@ def test_check_accelerators_names_what_is_missing():
 def test_a_device_needs_its_ray_resource(placement, message):
     with pytest.raises(ConfigFileError, match=message):
         DeploymentConfig.from_dict({"attention": {"placement": placement}})
+
+
+def test_accelerator_shortfall_names_only_what_is_missing():
+    assert accelerator_shortfall({"GPU": 8, "CPU": 99}, {"GPU": 8.0}) is None
+    msg = accelerator_shortfall({"GPU": 0, "NPU": 16}, {"CPU": 8})
+    assert "requests 16 NPU but the cluster has 0" in msg and "GPU" not in msg
+
+
+def test_the_attention_pool_counts_with_its_minimum():
+    config = DeploymentConfig.from_dict({"attention": {"replicas": 1, "placement": GPU,
+                                                       "autoscaling": {"min_replicas": 2, "max_replicas": 3}}})
+    assert requested_accelerators(config)["GPU"] == 3.0  # 1 fixed rank + 2 pool replicas that always run
