@@ -1,4 +1,4 @@
-"""Device fast paths, chosen per call by where the tensors live (`device.kernel_path`).
+"""Device fast paths, chosen per call by where the tensors live (`device.kernel_path`; `_path` below).
 
 Every function returns the result, or None meaning "run the reference": on the CPU, with MOEMESH_KERNELS=reference,
 and for a dtype or shape the device kernel does not take. Callers keep their plain-torch code as that fallback, so
@@ -27,16 +27,22 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from moemesh.kernels.device import DeviceUnavailable, kernel_path
+from moemesh.kernels.device import DeviceUnavailable, KernelPath, kernel_path
 
 log = logging.getLogger(__name__)
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _NPU_REFUSED: set[str] = set()  # NPU ops that raised once in this process
 
 
+def _path(t: Tensor) -> KernelPath:
+    """`device.kernel_path` of t's device. CPU tensors (every call of a CPU role) decline here at once: `is_cpu` is
+    several times cheaper than building `t.device`, and the mode is not read. Tests patch this to force a path."""
+    return "reference" if t.is_cpu else kernel_path(t.device)
+
+
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor | None:
     """(weight * x / rms(x)).to(x.dtype) over the last axis, as `norms.RMSNorm`."""
-    path = kernel_path(x.device)
+    path = _path(x)
     if path == "triton" and x.dtype in _TRITON_DTYPES:
         from moemesh.kernels import triton_norm
 
@@ -55,7 +61,7 @@ def routed_experts(bank, x: Tensor, indices: Tensor, weights: Tensor) -> Tensor 
     (token, slot) pairs are sorted by the expert holding them (pairs for experts not held here go last and are
     skipped); the grouped kernels run over the sorted rows; results are put back per pair and summed over k in
     float32, in a fixed order (deterministic, no atomics)."""
-    path = kernel_path(x.device)
+    path = _path(x)
     if path == "reference" or x.dtype not in _TRITON_DTYPES:
         return None
     N, k = indices.shape
@@ -83,15 +89,11 @@ def routed_experts(bank, x: Tensor, indices: Tensor, weights: Tensor) -> Tensor 
 
 def _triton_experts(bank, x: Tensor, tok: Tensor, counts: Tensor, row_weight: Tensor) -> Tensor:
     from moemesh.kernels import triton_moe
-    from moemesh.kernels.packed import PackedWeight
+    from moemesh.kernels.packed import PackedExperts
 
-    packed = getattr(bank, "packed", None)
-    if packed is not None:
-        w1, w2, w3 = packed.w1, packed.w2, packed.w3
-    else:
-        w1, w2, w3 = (PackedWeight("float", w, None, *w.shape[1:]) for w in (bank.w1, bank.w2, bank.w3))
-    h = triton_moe.swiglu_up(x, tok, counts, w1, w3, bank.limit)  # [N*k, I]
-    return triton_moe.grouped_mm(h, counts, w2, row_weight)  # [N*k, D] float32, zeros past the held pairs
+    w = bank.packed or PackedExperts.from_bank(bank, "float")  # "float": the bank's own tensors, no copy
+    h = triton_moe.swiglu_up(x, tok, counts, w.w1, w.w3, bank.limit)  # [N*k, I]
+    return triton_moe.grouped_mm(h, counts, w.w2, row_weight)  # [N*k, D] float32, zeros past the held pairs
 
 
 def _npu_experts(bank, x: Tensor, tok: Tensor, counts: Tensor, row_weight: Tensor) -> Tensor | None:
@@ -110,7 +112,7 @@ def _npu_experts(bank, x: Tensor, tok: Tensor, counts: Tensor, row_weight: Tenso
 def gating_topk(logits: Tensor, bias: Tensor, k: int, scoring: str, normalize: bool, scale: float
                 ) -> tuple[Tensor, Tensor] | None:
     """`moe.Router` for learned layers: logits [N, E] -> (weights [N, k] float32, indices [N, k] int64)."""
-    if kernel_path(logits.device) != "torch_npu":
+    if _path(logits) != "torch_npu":
         return None
     from moemesh.kernels import npu_ops
 
@@ -125,7 +127,7 @@ def sink_attention(q: Tensor, keys: Tensor, allowed: Tensor, sink: Tensor, scale
     `key_lists`, when the caller can build them without a host sync: a callable returning int [T, L], each query's
     allowed rows of `keys` (-1 = unused slot; exactly the True entries of `allowed`). Called only by the Triton path,
     which gathers keys by index; without it, the lists come from `allowed` at one host sync per call."""
-    path = kernel_path(q.device)
+    path = _path(q)
     if path == "triton" and q.dtype in _TRITON_DTYPES:
         from moemesh.kernels import triton_attention
 
@@ -141,7 +143,7 @@ def sink_attention(q: Tensor, keys: Tensor, allowed: Tensor, sink: Tensor, scale
 
 def engram_lookup(hash_ids: Tensor, offsets: Tensor, table: Tensor) -> Tensor | None:
     """`engram.EngramMemory.lookup` after its bounds check: ids [N, J], offsets [J], table [R, hd] -> [N, J*hd]."""
-    if kernel_path(table.device) != "triton" or hash_ids.dim() != 2:
+    if _path(table) != "triton" or hash_ids.dim() != 2:
         return None
     from moemesh.kernels import triton_engram
 
@@ -152,7 +154,7 @@ def engram_lookup(hash_ids: Tensor, offsets: Tensor, table: Tensor) -> Tensor | 
 def engram_gate(streams: Tensor, keys: Tensor, value: Tensor, query_norm: Tensor, key_norm: Tensor,
                 eps: float) -> Tensor | None:
     """`engram.EngramGate` (v4.1 form) after its projections: streams/keys [T, S, D], value [T, D] -> [T, S, D]."""
-    if kernel_path(streams.device) != "triton" or streams.dtype not in _TRITON_DTYPES:
+    if _path(streams) != "triton" or streams.dtype not in _TRITON_DTYPES:
         return None
     from moemesh.kernels import triton_engram
 

@@ -314,6 +314,17 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * weight.to(dt)
 
 
+def gate_alpha(streams: torch.Tensor, k: torch.Tensor, query_norm: torch.Tensor, key_norm: torch.Tensor,
+               eps: float) -> torch.Tensor:
+    """EngramGate's gate: streams, keys [T, S, D], norm weights [D] -> alpha [T, S, 1] in the streams' dtype (the
+    reference of kernels/triton_engram.engram_gate)."""
+    q = _rms_norm(streams, query_norm, eps)                                          # [T, S, D] float32
+    kn = _rms_norm(k, key_norm, eps)
+    s = (q * kn).sum(-1) / math.sqrt(streams.shape[-1])                              # [T, S]
+    s = s.sign() * s.abs().clamp_min(_GATE_FLOOR).sqrt()
+    return torch.sigmoid(s).to(streams.dtype).unsqueeze(-1)
+
+
 class EngramGate(nn.Module):
     """Fuses retrieved rows into the residual streams of one Engram layer, before the block's attention.
 
@@ -360,12 +371,7 @@ class EngramGate(nn.Module):
         return streams + u + y, new_state
 
     def _alpha(self, streams: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """Gate per token and stream, [T, S, 1] in the streams' dtype."""
-        q = _rms_norm(streams, self.query_norm.weight, self.eps)                   # [T, S, D] float32
-        kn = _rms_norm(k, self.key_norm.weight, self.eps)
-        s = (q * kn).sum(-1) / math.sqrt(self.dim)                                   # [T, S]
-        s = s.sign() * s.abs().clamp_min(_GATE_FLOOR).sqrt()
-        return torch.sigmoid(s).to(streams.dtype).unsqueeze(-1)
+        return gate_alpha(streams, k, self.query_norm.weight, self.key_norm.weight, self.eps)
 
     def _short_conv(self, u: torch.Tensor, state: torch.Tensor | None):
         """SiLU(causal depthwise dilated conv(rmsnorm(u))) [T, S, D], and the last P conv inputs [P, S, D]."""

@@ -103,7 +103,8 @@ def tokenizer_config() -> dict:
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos, "pad_token": pad,
         "add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False,
         "model_max_length": TINY_CONFIG["max_position_embeddings"],
-        "chat_template": ("{{ bos_token }}{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n\n{% endfor %}"
+        "chat_template": ("{{ bos_token }}"
+                          "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n\n{% endfor %}"
                           "{% if add_generation_prompt %}Assistant:{% endif %}"),
     }
 

@@ -85,6 +85,7 @@ def case_experts(dtype, n_tokens, fmt="float", scale_fmt="ue8m0"):
         x = _rand(g, n_tokens, D, dev=dev, dtype=dtype)
         idx = torch.randint(-1, E, (n_tokens, k), generator=g)
         idx[idx == 3] = 1  # held expert 3 gets no token; 1 is held elsewhere
+        idx[0, 0] = 0  # at least one held pair: an all-zero reference would make the relative error 0/0
         w = (torch.rand(n_tokens, k, generator=g) + 0.1)
         got = _with_triton_path(dispatch, dev, lambda: bank(x, idx.to(dev), w.to(dev)))
         src = bank.packed or PackedExperts.from_bank(bank, "float")
@@ -146,11 +147,7 @@ def case_tiny_checkpoint_experts(dev, g):
     got = _with_triton_path(dispatch, dev, lambda: bank(x, idx, w))
     bank64 = bank.double()
     bank64.packed = None
-    saved, dispatch.kernel_path = dispatch.kernel_path, lambda d: "reference"
-    try:
-        ref = bank64(x.double(), idx, w.double())
-    finally:
-        dispatch.kernel_path = saved
+    ref = _on_path(dispatch, "reference", lambda: bank64(x.double(), idx, w.double()))
     return _rel(got, ref), BOUND[torch.float32]
 
 
@@ -284,7 +281,8 @@ def case_engram_modules(dev, g):
         rows = _with_triton_path(dispatch, dev, lambda: memory.lookup(ids))
         got, state = _with_triton_path(dispatch, dev, lambda: gate(streams, rows))
     assert calls == {"gather_rows": 1, "engram_gate": 1} and state is None, calls
-    assert torch.equal(rows, memory.lookup(ids)), "Triton row gather differs from the reference lookup"
+    assert torch.equal(rows, _on_path(dispatch, "reference", lambda: memory.lookup(ids))), \
+        "Triton row gather differs from the reference lookup"
     ref, _ = model64.layers[1].engram(streams.double().cpu(), rows.double().cpu())
     return _rel(got, ref), BOUND[torch.float32]
 
@@ -338,14 +336,17 @@ def _counting(module, *names):
 
 def _with_triton_path(dispatch, dev, fn):
     """On CPU tensors (interpreter), route the dispatcher to the Triton path; on CUDA it goes there by itself."""
-    if dev.type != "cpu":
-        return fn()
-    saved = dispatch.kernel_path
-    dispatch.kernel_path = lambda d: "triton"
+    return fn() if dev.type != "cpu" else _on_path(dispatch, "triton", fn)
+
+
+def _on_path(dispatch, path, fn):
+    """fn() with every dispatcher routed to `path` (on CUDA too: "reference" there gives the plain-torch oracle)."""
+    saved = dispatch._path
+    dispatch._path = lambda t: path
     try:
         return fn()
     finally:
-        dispatch.kernel_path = saved
+        dispatch._path = saved
 
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
