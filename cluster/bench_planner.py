@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from moemesh.cluster.bench_report import write_section
-from moemesh.cluster.plan_baselines import BASELINES
+from moemesh.cluster.plan_baselines import BASELINES, baseline_slots
 from moemesh.cluster.plan_loads import zipf_loads
 from moemesh.cluster.plan_sample import sample_layer_cost
 from moemesh.cluster.plan_shape import PRESETS
@@ -80,7 +80,7 @@ def compare(preset: str, devices: int, model: str, zipf: float, slots: float | N
     t0 = time.perf_counter()
     ours = plan(topo, shape, loads, slots_per_device=slots)
     plans = [(ours, time.perf_counter() - t0)]
-    s_base = int(slots) if slots else max(1, int(np.ceil(ours.slots_per_device - 1e-9)))
+    s_base = int(slots) if slots else baseline_slots(ours)
     for fn in BASELINES.values():
         t0 = time.perf_counter()
         plans.append((fn(topo, shape, loads, slots_per_device=s_base), time.perf_counter() - t0))
@@ -135,7 +135,7 @@ def run(presets, models, zipfs, timing_cases, command: str) -> str:
         except ValueError as e:
             print(f"2 slots per device on {preset}: {e}")
     times = [(p, d, m, timing(p, d, m)) for p, d, m in timing_cases]
-    cpu = f"{os.cpu_count()} CPU cores, no GPU, Python {platform.python_version()}, numpy {np.__version__}"
+    cpu = f"{os.cpu_count()} CPU cores, Python {platform.python_version()}, numpy {np.__version__}"  # numpy only
     method = (f"Measured with `{command}` on {cpu} ({platform.machine()}). Method: see `cluster/bench_planner.py` "
               f"(seed {SEED}; {TOKENS_PER_RANK} decode tokens per rank per step; {STEPS} fresh steps x "
               f"{SAMPLE_LAYERS} layers per plan; baselines get our slots per device rounded up). Modelled MoE layer "
@@ -151,7 +151,8 @@ def run(presets, models, zipfs, timing_cases, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, command: str | None = None) -> int:
+    """`moemesh bench plan ARGS`; `command`: how the caller was invoked, recorded with the results."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="H200 and NVL72 at Zipf 0.6 only")
     ap.add_argument("--presets", nargs="*", default=list(PRESET_DEVICES))
@@ -160,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     presets = ["hgx-h200", "gb200-nvl72"] if args.quick else args.presets
     zipfs = (0.6,) if args.quick else ZIPF
     timing_cases = [("hgx-h200", 1024, "v4-pro"), ("atlas950-superpod", 8192, "v4-pro")]
-    command = "python -m moemesh.cluster.bench_planner" + (" --quick" if args.quick else "") + \
-              (f" --write {args.write}" if args.write else "")
+    command = command or "python -m moemesh.cluster.bench_planner" + (" --quick" if args.quick else "") + \
+        (f" --write {args.write}" if args.write else "")
     section = run(presets, MODELS, zipfs, timing_cases, command)
     print(section)
     if args.write:

@@ -153,7 +153,8 @@ def _bench(args: argparse.Namespace) -> int:
     if args.what == "plan":
         from moemesh.cluster import bench_planner
 
-        return bench_planner.main((["--quick"] if args.quick else []) + (["--write", args.write] if args.write else []))
+        flags = (["--quick"] if args.quick else []) + (["--write", args.write] if args.write else [])
+        return bench_planner.main(flags, command=" ".join(["moemesh bench plan", *flags]))
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     from moemesh.cluster.bench_serve import run
     from moemesh.cluster.config import DeploymentConfig

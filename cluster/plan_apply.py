@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from moemesh.cluster.config import ConfigFileError, DeploymentConfig, Placement
+from moemesh.cluster.plan_engram import host_levels
 from moemesh.cluster.planner import Plan
 from moemesh.cluster.topology import LABEL_PREFIX, NODE_TIER, Topology
 
@@ -101,10 +102,7 @@ def _engram_domain_hosts(plan: Plan, topology: Topology, att_host: int) -> np.nd
     e = plan.engram
     if e is None:
         return None
-    first = np.flatnonzero(np.r_[True, np.diff(topology.host) != 0])                     # [H] first device
-    dom = np.arange(topology.n_hosts) if e.level == "host" else \
-        topology.domain[list(topology.tier_names).index(e.level)][first]               # [H] domain of each host
-    return e.host[int(dom[att_host])]
+    return e.host[int(host_levels(topology)[e.level][att_host])]
 
 
 def plan_to_deployment(plan: Plan, topology: Topology, base: DeploymentConfig, device_resources: dict[str, float],

@@ -20,8 +20,9 @@ import heapq
 import numpy as np
 
 from moemesh.cluster.plan_cost import Grouping
+from moemesh.cluster.plan_engram import place_engram
 from moemesh.cluster.planner import (MemoryBudget, Plan, PlanError, evaluate, make_demand, place_attention,
-                                     place_engram)
+                                     sort_by_device)
 from moemesh.cluster.plan_shape import ModelShape
 from moemesh.cluster.topology import Topology
 
@@ -81,13 +82,11 @@ def _setup(topology, shape, loads, slots_per_device, attention_ranks, colocate):
 
 
 def _plan(name, topology, shape, demand, att, mask, s, rep_e, rep_d, memory) -> Plan:
-    order = np.argsort(rep_d * shape.experts + rep_e, axis=1, kind="stable")
-    rep_e, rep_d = np.take_along_axis(rep_e, order, 1), np.take_along_axis(rep_d, order, 1)
-    D = topology.n_devices
-    grouping = Grouping("network", (np.zeros(D, dtype=np.int64), np.arange(D)), (topology.n_tiers, 0))
-    if topology.n_tiers > 1:   # levels by tier so traffic is counted on the right tier
-        levels = [np.zeros(D, dtype=np.int64)] + [topology.domain[t] for t in range(topology.n_tiers - 2, -1, -1)]
-        grouping = Grouping("network", (*levels, np.arange(D)), tuple(range(topology.n_tiers, 0, -1)) + (0,))
+    rep_e, rep_d = sort_by_device(rep_e, rep_d, shape.experts)
+    D, T = topology.n_devices, topology.n_tiers
+    # one EP group; a level per tier (outermost first) so that traffic is counted on the tier it crosses
+    levels = (np.zeros(D, dtype=np.int64), *(topology.domain[t] for t in range(T - 2, -1, -1)), np.arange(D))
+    grouping = Grouping("network", levels, (*range(T, 0, -1), 0))
     p = Plan(name, topology, shape, demand, att, mask, grouping, float(s), rep_e, rep_d, "uniform")
     p.engram = place_engram(topology, shape, memory)
     p.figures = evaluate(p, None, memory)
@@ -138,19 +137,13 @@ def eplb_hierarchical(topology: Topology, shape: ModelShape, loads, *, slots_per
         return p
     weight, E, L = demand.total, shape.experts, shape.layers
     nodes = topology.n_domains(t)
-    groups = E                 # V4 routes without expert groups: every expert is its own group (EPLB's best case)
-    group_size, per_node = E // groups, E // nodes
+    per_node = E // nodes
     node_devices = len(devices) // nodes
     slots_node = s * node_devices
-    # Step 1: pack expert groups onto nodes; node n's experts get node-local ids n * per_node + i.
-    group_load = weight.reshape(L, groups, group_size).sum(-1)
-    node_of_group = balanced_packing(group_load, nodes)                          # [L, groups]
-    order = np.argsort(node_of_group, axis=1, kind="stable")
-    rank = np.empty_like(order)
-    np.put_along_axis(rank, order, np.broadcast_to(np.arange(groups), (L, groups)), 1)
-    local = (rank[:, :, None] * group_size + np.arange(group_size)).reshape(L, E)   # node-local id of each expert
-    log_of_local = np.empty((L, E), dtype=np.int64)
-    np.put_along_axis(log_of_local, local, np.broadcast_to(np.arange(E), (L, E)), 1)
+    # Step 1: pack expert groups onto nodes; node n's experts get node-local ids n * per_node + i. V4 routes without
+    # expert groups: every expert is its own group (EPLB's best case).
+    node_of_expert = balanced_packing(weight, nodes)                             # [L, E]
+    log_of_local = np.argsort(node_of_expert, axis=1, kind="stable")             # [L, E] expert of each local id
     # Step 2: replicate within each node, over the node's slots.
     node_weight = np.take_along_axis(weight, log_of_local, 1).reshape(L * nodes, per_node)
     phy2local, count = replicate_experts(node_weight, slots_node)
@@ -162,6 +155,11 @@ def eplb_hierarchical(topology: Topology, shape: ModelShape, loads, *, slots_per
     node_dev = devices.reshape(nodes, node_devices)
     rep_d = node_dev[np.broadcast_to(node, local_ids.shape), pack.reshape(L, nodes, slots_node)].reshape(L, -1)
     return _plan("eplb-hier", topology, shape, demand, att, mask, s, rep_e, rep_d, memory or MemoryBudget())
+
+
+def baseline_slots(ours: Plan) -> int:
+    """Slots per device for the baselines next to our plan: ours rounded up (never less expert memory than ours)."""
+    return max(1, int(np.ceil(ours.slots_per_device - 1e-9)))
 
 
 BASELINES = {"round-robin": round_robin, "eplb-global": eplb_global, "eplb-hier": eplb_hierarchical}

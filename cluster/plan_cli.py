@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
-
 HELP = "plan expert, attention and Engram placement on a topology and print its predicted figures"
 
 
@@ -82,7 +80,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moemesh.cluster.plan_baselines import BASELINES
+    from moemesh.cluster.plan_baselines import BASELINES, baseline_slots
     from moemesh.cluster.plan_loads import clustered_loads, read_loads, scale_loads, zipf_loads
     from moemesh.cluster.plan_shape import resolve_model
     from moemesh.cluster.planner import MemoryBudget, PlanError, plan
@@ -111,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     rows = [summary_row(ours, time.perf_counter() - t0)]
     notes = []
     if args.compare:
-        slots = max(1, int(np.ceil(ours.slots_per_device - 1e-9)))
+        slots = baseline_slots(ours)
         for name, fn in BASELINES.items():
             t0 = time.perf_counter()
             try:

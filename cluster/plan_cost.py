@@ -16,12 +16,12 @@ Cost of one MoE layer (decode step): see `cost_from_counts`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from moemesh.cluster.plan_shape import ModelShape
-from moemesh.cluster.topology import Topology
+from moemesh.cluster.topology import Topology, domain_starts
 
 
 # ---- who wants what ------------------------------------------------------------------------------------------------
@@ -50,7 +50,7 @@ class Demand:
         if self.by_rank is None:
             dom_share = np.bincount(src_dom, weights=self.share, minlength=n)
             return dom_share[None, :, None] * total[:, None, :]
-        starts = np.flatnonzero(np.r_[True, np.diff(src_dom) > 0])
+        starts = domain_starts(src_dom)
         rows = self.by_rank[:, layers] if experts is None else self.by_rank[:, layers][:, :, experts]
         out = np.zeros((len(layers), n, total.shape[1]))
         out[:, src_dom[starts]] = np.add.reduceat(rows, starts, axis=0).transpose(1, 0, 2)
@@ -96,10 +96,8 @@ def _n(part: np.ndarray) -> int:
 
 def _coarsen(x: np.ndarray, fine: np.ndarray, coarse: np.ndarray) -> np.ndarray:
     """Sum rows of x ([n_fine, ...], one per `fine` domain) into `coarse` domains (nested, contiguous)."""
-    first_dev = np.flatnonzero(np.r_[True, np.diff(fine) > 0])          # first device of each fine domain
-    coarse_of_fine = coarse[first_dev]
-    starts = np.flatnonzero(np.r_[True, np.diff(coarse_of_fine) > 0])
-    return np.add.reduceat(x, starts, axis=0)
+    coarse_of_fine = coarse[domain_starts(fine)]
+    return np.add.reduceat(x, domain_starts(coarse_of_fine), axis=0)
 
 
 def _safe_div(a, b):
@@ -130,7 +128,6 @@ class LayerRouting:
     levels: list[LevelRoute]      # fine to coarse
     sent: np.ndarray              # [T + 1, D] token-expert pairs each device sends, by link tier
     recv: np.ndarray              # [T + 1, D] token-expert pairs each device receives, by link tier
-    group: np.ndarray = field(default=None)  # [D] EP group of each device
 
 
 def route_nearest(rep_e, rep_d, grouping: Grouping, demand: Demand, layer: int, n_tiers: int) -> LayerRouting:
@@ -189,7 +186,7 @@ def route_nearest(rep_e, rep_d, grouping: Grouping, demand: Demand, layer: int, 
         recv[link] += np.bincount(rep_d, weights=cons, minlength=D)
         # Sources: what each rank sends at this level = its demand left after its device, times the share
         # matched here (phi is constant over a base domain, so it is read at the base domain's ancestor).
-        anc = part[np.flatnonzero(np.r_[True, np.diff(base) > 0])]     # [n_base] ancestor at this level
+        anc = part[domain_starts(base)]                               # [n_base] ancestor at this level
         psi = keep * phi[anc]
         keep = keep * (1.0 - phi[anc])
         out = demand.dot(layer, psi, base)
@@ -197,7 +194,7 @@ def route_nearest(rep_e, rep_d, grouping: Grouping, demand: Demand, layer: int, 
         out -= np.bincount(krank[has], weights=served0[has] * psi[base[kdev[has]], ke[has]],
                            minlength=len(out))
         np.add.at(sent[link], demand.src_device, np.maximum(out, 0.0))
-    return LayerRouting("nearest", rep_e, rep_d, total, levels, sent, recv, grouping.group)
+    return LayerRouting("nearest", rep_e, rep_d, total, levels, sent, recv)
 
 
 def route_uniform(rep_e, rep_d, grouping: Grouping, demand: Demand, layer: int, n_tiers: int) -> LayerRouting:
@@ -225,14 +222,14 @@ def route_uniform(rep_e, rep_d, grouping: Grouping, demand: Demand, layer: int, 
         A = demand.by_domain([layer], part, n)[0]                          # [n, E]
         cum_recv = A[part[rep_d], rep_e] * inv_c[g_rep, rep_e]
         K = np.bincount(part[rep_d] * E + rep_e, minlength=n * E).reshape(n, E)
-        dom_group = grouping.group[np.flatnonzero(np.r_[True, np.diff(part) > 0])]
+        dom_group = grouping.group[domain_starts(part)]
         cum_sent = demand.dot(layer, K * inv_c[dom_group], part)
         cons = cum_recv - prev_recv
         levels.append(LevelRoute(link, part, cons, np.zeros(0)))
         recv[link] += np.bincount(rep_d, weights=cons, minlength=D)
         np.add.at(sent[link], demand.src_device, cum_sent - prev_sent)
         prev_recv, prev_sent = cum_recv, cum_sent
-    return LayerRouting("uniform", rep_e, rep_d, prev_recv, levels, sent, recv, grouping.group)
+    return LayerRouting("uniform", rep_e, rep_d, prev_recv, levels, sent, recv)
 
 
 # ---- cost --------------------------------------------------------------------------------------------------------

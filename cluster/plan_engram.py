@@ -9,9 +9,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from moemesh.cluster.plan_place import _first_devices
 from moemesh.cluster.plan_shape import ModelShape
-from moemesh.cluster.topology import Topology
+from moemesh.cluster.topology import Topology, domain_starts
 
 if TYPE_CHECKING:
     from moemesh.cluster.planner import MemoryBudget
@@ -33,6 +32,12 @@ class EngramPlacement:
     host_bytes: np.ndarray     # [H]
 
 
+def host_levels(topo: Topology) -> dict[str, np.ndarray]:
+    """The levels an Engram placement may use, smallest first: {"host" or tier name: [H] domain of each host}."""
+    first_dev = domain_starts(topo.host)
+    return {"host": np.arange(topo.n_hosts), **{n: topo.domain[t][first_dev] for t, n in enumerate(topo.tier_names)}}
+
+
 def place_engram(topo: Topology, shape: ModelShape, memory: MemoryBudget) -> EngramPlacement | None:
     """Each domain of the smallest level (host, then each tier) whose every domain fits `engram_copies` full
     copies in its hosts' Engram DRAM holds those copies, each spread over all its hosts in column-range shards."""
@@ -40,16 +45,12 @@ def place_engram(topo: Topology, shape: ModelShape, memory: MemoryBudget) -> Eng
     if B <= 0:
         return None
     budget = topo.host_dram * memory.engram_dram_fraction
-    first_dev = _first_devices(topo.host)
-    levels = [("host", np.arange(topo.n_hosts))] + [(n, topo.domain[t][first_dev])
-                                                    for t, n in enumerate(topo.tier_names)]
     C = memory.engram_copies
-    for name, dom in levels:                                                  # dom: [H] domain of each host
-        n_hosts = np.bincount(dom)
-        low = np.minimum.reduceat(budget, _first_devices(dom))
+    for name, dom in host_levels(topo).items():                               # dom: [H] domain of each host
+        n_hosts, first = np.bincount(dom), domain_starts(dom)
+        low = np.minimum.reduceat(budget, first)
         if (C * B <= n_hosts * low).all() and (C <= n_hosts).all():
             m = int(n_hosts.min())
-            first = _first_devices(dom)
             host = first[:, None, None] + (np.arange(C)[None, :, None] + np.arange(m)[None, None, :]) % m
             host_bytes = np.bincount(host.ravel(), minlength=topo.n_hosts) * (B / m)
             return EngramPlacement(name, m, B / m, host, host_bytes)

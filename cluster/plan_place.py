@@ -22,14 +22,10 @@ from __future__ import annotations
 import numpy as np
 
 from moemesh.cluster.plan_cost import Demand, Grouping, _safe_div
-from moemesh.cluster.topology import Topology
+from moemesh.cluster.topology import Topology, domain_starts
 
 
 # ---- EP-domain candidates ----------------------------------------------------------------------------------------
-def _first_devices(part: np.ndarray) -> np.ndarray:
-    return np.flatnonzero(np.r_[True, np.diff(part) > 0])
-
-
 def groupings(topo: Topology) -> list[Grouping]:
     """Candidate EP domains, smallest first: every tier's domains, and slices of a tier's domain made of whole
     inner-tier domains (1/2, 1/4, ... of it). A partition equal to an earlier one is dropped (the innermost tier
@@ -43,11 +39,11 @@ def groupings(topo: Topology) -> list[Grouping]:
         parts, links, last = [], [], group
         for u in range(t - 1, -1, -1):
             p = topo.domain[u]
-            if _first_devices(p).size > _first_devices(last).size:
+            if domain_starts(p).size > domain_starts(last).size:
                 parts.append(p)
                 links.append(u + 1)
                 last = p
-        if D > _first_devices(last).size:
+        if D > domain_starts(last).size:
             parts.append(devices)
             links.append(0)
         return parts, links
@@ -63,7 +59,7 @@ def groupings(topo: Topology) -> list[Grouping]:
     for t in range(T):
         if t > 0:   # slices of tier t made of whole tier t-1 domains, smallest slices first
             inner, outer = topo.domain[t - 1], topo.domain[t]
-            first_inner = _first_devices(inner)
+            first_inner = domain_starts(inner)
             outer_of_inner = outer[first_inner]
             n_inner = np.bincount(outer_of_inner)
             rank_in_outer = np.arange(len(first_inner)) - np.r_[0, np.cumsum(n_inner)[:-1]][outer_of_inner]
@@ -289,7 +285,7 @@ def place_replicas(grouping: Grouping, caps: np.ndarray, demand: Demand, layers,
     E = demand.total.shape[1]
     group = grouping.group
     G = grouping.n_groups
-    group_first = _first_devices(group)
+    group_first = domain_starts(group)
 
     # Step 1: replica counts per group; a tiny floor keeps cold experts ordered.
     w = demand.by_domain(layers, group, G)
@@ -304,11 +300,11 @@ def place_replicas(grouping: Grouping, caps: np.ndarray, demand: Demand, layers,
     pins = [c]
     coarse = group
     for fine in grouping.levels[1:]:
-        first_fine = _first_devices(fine)
+        first_fine = domain_starts(fine)
         parent_of_child = coarse[first_fine]
-        starts = np.flatnonzero(np.r_[True, np.diff(parent_of_child) > 0])
+        starts = domain_starts(parent_of_child)
         sizes = np.diff(np.r_[starts, len(first_fine)])
-        par_group = group[_first_devices(coarse)]
+        par_group = group[domain_starts(coarse)]
         h = hot[-1][(pins[-1] > 0).any((0, 1))] if pins[-1].size else hot[-1][:0]
         sub = np.searchsorted(hot[-1], h)
         a = demand.by_domain(layers, fine, len(first_fine), experts=h)
@@ -325,11 +321,11 @@ def place_replicas(grouping: Grouping, caps: np.ndarray, demand: Demand, layers,
     out_l, out_d, out_e, out_q, out_pin, out_dom = [], [], [], [], [], []
     for i in range(len(grouping.levels) - 1, -1, -1):
         part = grouping.levels[i]
-        first = _first_devices(part)
+        first = domain_starts(part)
         exact = pins[i].copy()
         if i + 1 < len(pins):
-            child_first = _first_devices(grouping.levels[i + 1])
-            child_pins = np.add.reduceat(pins[i + 1], np.flatnonzero(np.r_[True, np.diff(part[child_first]) > 0]),
+            child_first = domain_starts(grouping.levels[i + 1])
+            child_pins = np.add.reduceat(pins[i + 1], domain_starts(part[child_first]),
                                          axis=1)
             exact[:, :, np.searchsorted(hot[i], hot[i + 1])] -= child_pins
         l_idx, j, h_idx = np.nonzero(exact)

@@ -92,9 +92,9 @@ def render_plan(plan: Plan):
         r, c = np.divmod(plan.attention_device, width)
         grid.plot(c - 0.35, r - 0.3, "^", color="red", markersize=4, linestyle="none")
     grid.set_xticks([])
-    grid.set_yticks(range(rows), [f"host {r * width // size}" for r in range(rows)],
-                    fontsize=max(4, min(8, 400 // rows)))
-    if rows > 40:
+    if rows <= 40:
+        grid.set_yticks(range(rows), [f"host {r * width // size}" for r in range(rows)], fontsize=8)
+    else:
         grid.set_yticks([])
     grid.set_title(f"{topo.name}: {D} devices, {size}/host; {plan.grouping.label} x{plan.grouping.n_groups} EP; "
                    "black: tier domains, red ^: attention ranks", fontsize=9)

@@ -7,6 +7,7 @@ card). `resolve_model` takes either.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -68,12 +69,7 @@ class ModelShape(BaseModel):
         quant = cfg.quantization_config or {}
         expert_rate = FP4_EXPERT_BYTES_PER_PARAM if quant.get("expert_dtype") == "fp4" else (1.0 if quant else 2.0)
         dense_rate = FP8_BYTES_PER_PARAM if quant else 2.0
-        dense_params = 0
-        for shape in tensor_shapes(cfg, routed_experts=False, engram_tables=False).values():
-            n = 1
-            for s in shape:
-                n *= s
-            dense_params += n
+        dense_params = sum(map(math.prod, tensor_shapes(cfg, routed_experts=False, engram_tables=False).values()))
         kv_elem = 2.0      # the KV cache is kept in BF16
         per_token = sum((cfg.head_dim + cfg.index_head_dim) / cfg.compress_rate(i) if t == CSA else
                         cfg.head_dim / cfg.compress_rate(i) if t == HCA else 0.0

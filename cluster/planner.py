@@ -24,9 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from moemesh.cluster.plan_cost import (Demand, Grouping, LayerRouting, route_nearest, route_uniform,
                                        routing_cost)
 from moemesh.cluster.plan_engram import EngramPlacement, place_engram
-from moemesh.cluster.plan_place import _first_devices, device_caps, groupings, place_replicas
+from moemesh.cluster.plan_place import device_caps, groupings, place_replicas
 from moemesh.cluster.plan_shape import ModelShape
-from moemesh.cluster.topology import Topology
+from moemesh.cluster.topology import Topology, domain_starts
 
 
 class PlanError(ValueError):
@@ -94,9 +94,12 @@ class Plan:
         g = self.grouping.group
         return [np.flatnonzero((g == i) & self.expert_mask) for i in range(self.grouping.n_groups)]
 
-    def layer_routing(self, layer: int) -> LayerRouting:
+    def layer_routing(self, layer: int, row: int | None = None) -> LayerRouting:
+        """The routing of `layer`'s demand; `row`: its row in the replica arrays when they hold only some layers
+        (the planner's candidates), default = layer."""
         route = route_nearest if self.routing == "nearest" else route_uniform
-        return route(self.replica_expert[layer], self.replica_device[layer], self.grouping, self.demand, layer,
+        row = layer if row is None else row
+        return route(self.replica_expert[row], self.replica_device[row], self.grouping, self.demand, layer,
                      self.topology.n_tiers)
 
     def source_routing(self, layer: int, rank: int) -> np.ndarray:
@@ -231,16 +234,17 @@ def _place_all(opt: _Option, demand: Demand, layers: np.ndarray, refine: bool) -
 def _score(plan_: Plan, layers: np.ndarray, rows: np.ndarray | None = None) -> float:
     """Total modelled time of `layers` (rows: their index in the plan's replica arrays, default = layers)."""
     rows = layers if rows is None else rows
-    route = route_nearest if plan_.routing == "nearest" else route_uniform
-    total = 0.0
-    for layer, row in zip(layers, rows):
-        r = route(plan_.replica_expert[row], plan_.replica_device[row], plan_.grouping, plan_.demand, int(layer),
-                  plan_.topology.n_tiers)
-        total += routing_cost(r, plan_.topology, plan_.shape, plan_.expert_mask).time
-    return total
+    return sum(routing_cost(plan_.layer_routing(int(layer), int(row)), plan_.topology, plan_.shape,
+                            plan_.expert_mask).time for layer, row in zip(layers, rows))
 
 
 # ---- Step 4: against the previous plan -------------------------------------------------------------------------------
+def _comparable(previous: Plan | None, shape: ModelShape, n_devices: int) -> bool:
+    """Whether `previous` holds the same layers and experts on the same devices (so replicas can be matched)."""
+    return previous is not None and previous.topology.n_devices == n_devices \
+        and previous.replica_expert.shape[0] == shape.layers and previous.shape.experts == shape.experts
+
+
 def migration_bytes(rep_e, rep_d, prev_e, prev_d, shape: ModelShape, n_devices: int) -> float:
     """Bytes of experts a device must load: replicas (layer, device, expert) of the new plan beyond the previous
     plan's copies on that device."""
@@ -261,7 +265,7 @@ def keep_positions(rep_e, rep_d, prev_e, prev_d, part: np.ndarray, caps: np.ndar
     """New rep_d [L, S] after moving whole device contents between devices of one `part` domain (a node) with the
     same slots, greedily maximising the replicas that stay where `prev` had them."""
     L, D = caps.shape
-    first = _first_devices(part)
+    first = domain_starts(part)
     size = np.diff(np.r_[first, D])
     B, n = int(size.max()), len(first)
     slot = np.where(np.arange(B)[None] < size[:, None], first[:, None] + np.arange(B)[None], -1)   # [n, B]
@@ -287,7 +291,8 @@ def keep_positions(rep_e, rep_d, prev_e, prev_d, part: np.ndarray, caps: np.ndar
     return new_dev
 
 
-def _by_device(rep_e: np.ndarray, rep_d: np.ndarray, E: int) -> tuple[np.ndarray, np.ndarray]:
+def sort_by_device(rep_e: np.ndarray, rep_d: np.ndarray, E: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each layer's replicas [L, S] ordered by device, then expert (the order a `Plan` keeps them in)."""
     order = np.argsort(rep_d * E + rep_e, axis=1, kind="stable")
     return np.take_along_axis(rep_e, order, 1), np.take_along_axis(rep_d, order, 1)
 
@@ -304,7 +309,7 @@ def evaluate(p: Plan, previous: Plan | None = None, memory: MemoryBudget | None 
     slow = topo.slowest_tier()
     mem = np.bincount(p.replica_device.ravel(), minlength=D) * shape.expert_bytes
     mem[p.attention_device] += memory.attention_bytes(shape)
-    if previous is not None and previous.topology.n_devices == D and previous.replica_expert.shape[0] == L:
+    if _comparable(previous, shape, D):
         moved = migration_bytes(p.replica_expert, p.replica_device, previous.replica_expert,
                                 previous.replica_device, shape, D)
     else:
@@ -360,8 +365,7 @@ def plan(topology: Topology, shape: ModelShape, loads, *, attention_ranks: int |
     result = candidate(best, np.arange(L), refine=True)
 
     # Step 4: against the previous plan.
-    if previous is not None and previous.topology.n_devices == D and previous.replica_expert.shape[0] == L \
-            and previous.shape.experts == shape.experts and np.array_equal(previous.attention_device, att) \
+    if _comparable(previous, shape, D) and np.array_equal(previous.attention_device, att) \
             and np.array_equal(previous.expert_mask, expert_mask):
         kept = replace(previous, demand=demand, figures=None)
         if _score(result, sample) >= (1 - min_gain) * _score(kept, sample):
@@ -369,7 +373,7 @@ def plan(topology: Topology, shape: ModelShape, loads, *, attention_ranks: int |
         elif previous.grouping.label == result.grouping.label:
             rep_d = keep_positions(result.replica_expert, result.replica_device, previous.replica_expert,
                                    previous.replica_device, result.grouping.levels[-2], best.caps, shape.experts)
-            rep_e, rep_d = _by_device(result.replica_expert, rep_d, shape.experts)
+            rep_e, rep_d = sort_by_device(result.replica_expert, rep_d, shape.experts)
             result = replace(result, replica_expert=rep_e, replica_device=rep_d)
 
     # Steps 5 and 6.

@@ -148,23 +148,21 @@ class TopologySpec(BaseModel):
 
     def expand(self) -> "Topology":
         """Per-device arrays: device i lives in host i // host.devices and in domain i // tier.devices of each tier."""
-        D = self.devices
-        idx = np.arange(D)
-        sizes = [t.devices or D for t in self.tiers]
+        idx = np.arange(self.devices)
+        sizes = [t.devices or self.devices for t in self.tiers]
+        return self.with_layout(self.name, idx // self.host.devices, np.stack([idx // s for s in sizes]))
+
+    def with_layout(self, name: str, host: np.ndarray, domain: np.ndarray,
+                    host_names: tuple[str, ...] = ()) -> "Topology":
+        """A `Topology` of this preset's devices, hosts and tiers on a given layout: host [D] and domain [T, D] ids."""
+        D = len(host)
         return Topology(
-            name=self.name,
-            kind=np.full(D, self.device.kind),
-            memory=np.full(D, self.device.memory),
-            flops=np.full(D, self.device.flops),
-            hbm_bandwidth=np.full(D, self.device.hbm_bandwidth),
-            host=idx // self.host.devices,
-            host_dram=np.full(D // self.host.devices, self.host.dram),
-            tier_names=tuple(t.name for t in self.tiers),
-            tier_fabric=tuple(t.fabric for t in self.tiers),
+            name=name, kind=np.full(D, self.device.kind), memory=np.full(D, self.device.memory),
+            flops=np.full(D, self.device.flops), hbm_bandwidth=np.full(D, self.device.hbm_bandwidth), host=host,
+            host_dram=np.full(int(host[-1]) + 1 if D else 0, self.host.dram),
+            tier_names=tuple(t.name for t in self.tiers), tier_fabric=tuple(t.fabric for t in self.tiers),
             tier_bandwidth=np.array([t.bandwidth for t in self.tiers]),
-            tier_latency=np.array([t.latency for t in self.tiers]),
-            domain=np.stack([idx // s for s in sizes]),
-        )
+            tier_latency=np.array([t.latency for t in self.tiers]), domain=domain, host_names=host_names)
 
 
 def _first_error(e: ValidationError) -> str:
@@ -286,6 +284,12 @@ class Topology:
         return f"{self.name}: {self.n_devices:,} x {kinds} on {self.n_hosts:,} hosts; tiers {tiers}"
 
 
+def domain_starts(ids: np.ndarray) -> np.ndarray:
+    """[n] index of the first element of each domain, for `ids` a non-decreasing array of domain ids (a device
+    partition such as `Topology.host` or `Topology.domain[t]`, or the domain of each of a sorted list of devices)."""
+    return np.flatnonzero(np.r_[True, np.diff(ids) > 0])
+
+
 # ---- discovery from a live Ray cluster -----------------------------------------------------------------------------
 def _node_domain(node: dict, tier: str) -> str | None:
     """Domain of a Ray node at `tier`: label `moemesh.io/<tier>`, else custom resource `moemesh.io/<tier>:<id>`."""
@@ -338,11 +342,4 @@ def topology_from_ray_nodes(nodes: list[dict], preset: TopologySpec | str | Path
         keys = [k[:len(k) - t] for k, _, _ in rows]        # outermost key down to tier t
         ids = np.cumsum([i > 0 and keys[i] != keys[i - 1] for i in range(len(keys))])
         domain.append(np.repeat(ids, counts))
-    D = int(counts.sum())
-    return Topology(
-        name=f"{spec.name} (ray)", kind=np.full(D, spec.device.kind), memory=np.full(D, spec.device.memory),
-        flops=np.full(D, spec.device.flops), hbm_bandwidth=np.full(D, spec.device.hbm_bandwidth), host=host,
-        host_dram=np.full(len(rows), spec.host.dram), tier_names=tuple(t.name for t in tiers),
-        tier_fabric=tuple(t.fabric for t in tiers), tier_bandwidth=np.array([t.bandwidth for t in tiers]),
-        tier_latency=np.array([t.latency for t in tiers]), domain=np.stack(domain),
-        host_names=tuple(n for _, n, _ in rows))
+    return spec.with_layout(f"{spec.name} (ray)", host, np.stack(domain), tuple(n for _, n, _ in rows))
