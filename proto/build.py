@@ -4,7 +4,7 @@ this module.
 Stubs are build outputs, never committed. They are made:
 - by `setup.py`'s `build_py` hook, into this folder, on every build: `pip install .` then copies them into the
   wheel, `pip install -e .` uses them in place;
-- by `ensure_stubs()`, called when `moemesh.proto` is imported from a source checkout, when a stub is missing or
+- by `ensure_stubs()`, called when `moemesh` is imported from a source checkout, when a stub is missing or
   older than its `.proto` (a clean clone, an edited `.proto`). Needs `grpcio-tools` (the `dev` extra) only then.
 
 The `.proto` files import each other as `moemesh/proto/<name>.proto`, and protoc runs over a temporary copy laid out
