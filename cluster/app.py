@@ -56,6 +56,7 @@ RESOLVE_TIMEOUT_S = 2.0  # one address lookup through a handle (a restarting sha
 WORKER_LOST = (ray_errors.RayActorError, ray_errors.ObjectLostError, serve_errors.ReplicaUnavailableError,
                serve_errors.DeploymentUnavailableError)
 TINY_CACHE = Path(os.environ.get("MOEMESH_CACHE", Path.home() / ".cache" / "moemesh")) / "models" / "tiny"
+APP_NAME = "moemesh"  # the Serve application `moemesh serve` deploys (and removes when it stops)
 POOL = "attention-pool"  # the deployment of the attention pool's replicas
 EXPERT_MAP_SYNC_S = 2.0  # a pool replica asks the expert controller for the map in force this often
 WAKE_TIMEOUT_S = 600.0  # how long the ingress's call that starts an empty pool may wait for its first replica
@@ -635,5 +636,5 @@ def deploy(config: DeploymentConfig, address: str | None = None, wait_for_resour
     if not wait_for_resources:
         check_accelerators(config, ray.cluster_resources())
     serve.start(http_options={"host": config.ingress.host, "port": config.ingress.port})
-    serve.run(build_app(config), name="moemesh", route_prefix="/")
+    serve.run(build_app(config), name=APP_NAME, route_prefix="/")
     return f"http://{config.ingress.host}:{config.ingress.port}/v1"

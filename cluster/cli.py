@@ -56,11 +56,10 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
 
 def _generate(args: argparse.Namespace) -> int:
     """Offline generation with the single-process reference model."""
-    import torch
-    from tokenizers import Tokenizer
-
     import moemesh
+    import torch
     from moemesh.kernels.sampling import SamplingParams
+    from tokenizers import Tokenizer
 
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     model = moemesh.load_model(args.checkpoint, dtype=getattr(torch, args.dtype), device=args.device)
@@ -84,39 +83,60 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait-for-resources", action="store_true",
                    help="deploy even if the cluster lacks the GPUs/NPUs the config asks for now (its autoscaler "
                         "adds them); by default that is an error")
+    p.add_argument("--drain-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="on Ctrl-C/SIGTERM, wait at most this long for in-flight requests before stopping "
+                        "(default 10); a second Ctrl-C stops at once")
 
 
 def _serve(args: argparse.Namespace) -> int:
     import os
-    import time
+    import signal
 
     os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray 2.60 clients must say so before importing ray
     from moemesh.cluster.config import DeploymentConfig
+    from moemesh.cluster.shutdown import ProcessTree, StopRequested, StopSignals, exit_now, stop_serving
 
     config = DeploymentConfig.from_yaml(args.config) if args.config else DeploymentConfig()
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     if overrides:
         config = config.model_copy(update={"ingress": config.ingress.model_copy(update=overrides)})
-    from moemesh.cluster.app import deploy
+    if args.drain_timeout < 0:
+        raise ValueError(f"--drain-timeout must be >= 0, got {args.drain_timeout}")
+    from moemesh.cluster.app import APP_NAME, deploy
 
-    url = deploy(config, args.address, wait_for_resources=args.wait_for_resources)
-    print(f"moemesh is serving {config.model} at {url} (OpenAI API); Ctrl-C stops it", flush=True)
     if args.detach:
+        url = deploy(config, args.address, wait_for_resources=args.wait_for_resources)
+        print(f"moemesh is serving {config.model} at {url} (OpenAI API)", flush=True)
         return 0
-    import signal
-
-    from ray import serve
-
-    def stop(*_):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)  # `kill PID` stops as cleanly as Ctrl-C (the local Ray goes down at exit)
+    # Before Ray starts anything: every process started from here on stays findable (and endable) at exit, and a
+    # signal during start-up stops as cleanly as one while serving (cluster/shutdown.py).
+    tree, signals = ProcessTree(), StopSignals().install()
     try:
+        url = deploy(config, args.address, wait_for_resources=args.wait_for_resources)
+        signals.install()  # ray.init replaced our SIGTERM handler with its own
+        print(f"moemesh is serving {config.model} at {url} (OpenAI API); Ctrl-C stops it", flush=True)
         while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        serve.delete("moemesh")
-        return 0
+            _wait_for_a_signal()
+    except StopRequested:
+        pass
+    except SystemExit:  # Ray's own SIGTERM handler (sys.exit), when the signal came while ray.init had it installed
+        signals.signum = signals.signum or signal.SIGTERM
+    except BaseException:  # start-up failed: stop what was started, then report as usual (main prints it)
+        stop_serving(signals, tree, APP_NAME, args.drain_timeout)
+        raise
+    exit_now(stop_serving(signals, tree, APP_NAME, args.drain_timeout))
+    return 1  # not reached: exit_now leaves the process
+
+
+def _wait_for_a_signal() -> None:
+    """Sleep until a signal arrives (the stop handlers raise)."""
+    import signal
+    import time
+
+    if hasattr(signal, "pause"):
+        signal.pause()
+    else:  # Windows
+        time.sleep(3600)
 
 
 # ---- bench ---------------------------------------------------------------------------------------------------------
