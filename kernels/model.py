@@ -18,7 +18,7 @@ from torch import nn
 from moemesh.kernels.attention import Attention, Segment
 from moemesh.kernels.config import ModelConfig
 from moemesh.kernels.engram import EngramGate, EngramHasher, EngramMemory
-from moemesh.kernels.kv_cache import SequenceCache
+from moemesh.kernels.decode_state import SequenceCache
 from moemesh.kernels.mhc import HyperConnection, HyperHead, merge_streams
 from moemesh.kernels.moe import MoE
 from moemesh.kernels.norms import RMSNorm

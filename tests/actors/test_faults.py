@@ -9,14 +9,14 @@ import pytest
 import torch
 
 import moemesh
-from moemesh.actors.dispatch import Dispatcher, ExpertMap
-from moemesh.actors.engram_client import EngramClient, EngramClientConfig, EngramRoute, GrpcEngramTransport
-from moemesh.actors.engram_service import EngramShard, serve_engram_shard
-from moemesh.actors.expert_shard import ExpertShard, serve_expert_shard
-from moemesh.actors.generation import (Choice, Delta, Generation, GenerationParams, LeastLoadedRouter,
+from moemesh.actors.attention.token_dispatch import Dispatcher, ExpertMap
+from moemesh.actors.engram.client import EngramClient, EngramClientConfig, EngramRoute, GrpcEngramTransport
+from moemesh.actors.engram.service import EngramShard, serve_engram_shard
+from moemesh.actors.experts.shard import ExpertShard, serve_expert_shard
+from moemesh.actors.ingress.generation import (Choice, Delta, Generation, GenerationParams, LeastLoadedRouter,
                                        WorkerLost)
-from moemesh.actors.shard_health import RecoveryConfig
-from moemesh.actors.text_codec import StopCutter, TextCodec
+from moemesh.actors.attention.shard_avoidance import RecoveryConfig
+from moemesh.actors.ingress.text import StopCutter, TextCodec
 from moemesh.kernels.checkpoint import Checkpoint
 from moemesh.proto.transport import GrpcTransport
 
@@ -85,7 +85,7 @@ def test_expert_shard_failover_to_a_replica_then_waiting_for_a_restart(model, ti
 
 
 def test_engram_range_without_replica_waits_for_its_restart(model):
-    from moemesh.actors.engram_service import engram_layout
+    from moemesh.actors.engram.service import engram_layout
 
     tables = {l: model.layers[l].engram_memory.embed.weight.detach() for l in model.config.engram_layer_ids}
     layout = engram_layout(model.config, 1)[0]
@@ -169,8 +169,8 @@ def test_a_request_moves_to_another_worker_when_its_worker_is_lost(tiny_model_di
 def test_a_moved_request_replayed_in_its_original_chunks_continues_exactly(model):
     """A one-chunk prefill of prompt + generated tokens can differ from prefill + decode steps (the CSA indexer's
     ties depend on the pool size when a query runs: here a 55-token prompt); replaying the original chunks cannot."""
-    from moemesh.actors.engine import Engine
-    from moemesh.actors.sequence import RequestParams
+    from moemesh.actors.attention.engine import Engine
+    from moemesh.actors.attention.sequence import RequestParams
 
     prompt = torch.randint(3, model.config.vocab_size, (55,), generator=torch.Generator().manual_seed(7)).tolist()
     full = model.generate(torch.tensor([prompt]), max_new_tokens=10, eos_token_id=None)[0, len(prompt):].tolist()

@@ -9,7 +9,7 @@ import contextlib
 import pytest
 import torch
 
-from moemesh.actors.expert_shard import ExpertShard, serve_expert_shard
+from moemesh.actors.experts.shard import ExpertShard, serve_expert_shard
 from moemesh.kernels.config import ModelConfig
 from moemesh.kernels.moe import ExpertBank
 from moemesh.kernels.weights import expert_tensor_names

@@ -1,0 +1,84 @@
+"""The forward step of an attention worker whose routed experts and Engram tables live in other processes.
+
+Per step: hash the step's tokens and fetch every Engram layer's rows (before layer 0: the indices depend only on the
+tokens), then per layer run attention & co locally, route, send each token once per destination shard, compute the
+shared expert while the routed experts are away, and combine. The step is a coroutine on the worker's I/O loop (where
+its gRPC channels live); `__call__` is the synchronous form the engine's step thread uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+import torch
+
+from moemesh.actors.attention.token_dispatch import Dispatcher
+from moemesh.kernels.decode_state import SequenceCache
+from moemesh.kernels.mhc import merge_streams
+from moemesh.kernels.model import DeepseekV4
+
+EngramLookup = Callable[[dict[int, torch.Tensor]], Awaitable[dict[int, torch.Tensor]]]
+
+
+class IoLoop:
+    """An asyncio loop on its own daemon thread, for a worker's network clients."""
+
+    def __init__(self, name: str = "moemesh-io"):
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def run(self, coro, timeout: float | None = None):
+        """Run `coro` on the loop from another thread and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+
+
+class RemoteStep:
+    """`step(token_ids, caches) -> hidden [N, D]` with MoE routed experts behind `dispatcher` and Engram rows from
+    `engram_lookup` ({layer: hash ids [N, O*H]} -> {layer: rows [N, engram_dim]})."""
+
+    def __init__(self, model: DeepseekV4, dispatcher: Dispatcher, engram_lookup: EngramLookup | None,
+                 io: IoLoop, timeout_s: float = 120.0, engram_latency=None):
+        if model.config.has_engram and engram_lookup is None:
+            raise ValueError("engram_lookup: the model has Engram layers; give the worker an Engram client")
+        self.model, self.dispatcher, self.engram_lookup, self.io = model, dispatcher, engram_lookup, io
+        self.timeout_s = timeout_s
+        self.engram_latency = engram_latency  # a prometheus Histogram (or None)
+        self._step_ids = itertools.count()
+
+    def __call__(self, token_ids: Sequence[Sequence[int]], caches: Sequence[SequenceCache]) -> torch.Tensor:
+        return self.io.run(self.run(token_ids, caches), timeout=self.timeout_s)
+
+    async def run(self, token_ids: Sequence[Sequence[int]], caches: Sequence[SequenceCache]) -> torch.Tensor:
+        model, step_id = self.model, next(self._step_ids)
+        rows = None
+        if model.config.has_engram:
+            started = time.perf_counter()
+            rows = await self.engram_lookup(model.engram_hash_ids(token_ids, caches))
+            if self.engram_latency is not None:
+                self.engram_latency.observe(time.perf_counter() - started)
+        with torch.inference_mode():
+            step = model.begin_step(token_ids, caches, rows)
+            streams = step.streams
+            for block in model.layers:
+                streams, post, comb, x = block.before_moe(streams, step)
+                weights, indices = block.ffn.gate(x, step.token_ids)
+                routed = asyncio.ensure_future(self.dispatcher(block.layer, x, indices, weights, step_id))
+                shared = await asyncio.to_thread(_no_grad(block.ffn.shared_experts), x)  # overlaps the all-to-all
+                streams = merge_streams(streams, (await routed) + shared, post, comb)
+            return model.end_step(step, streams)
+
+
+def _no_grad(fn):
+    def wrapped(*args):
+        with torch.inference_mode():
+            return fn(*args)
+    return wrapped
