@@ -1,11 +1,12 @@
 """Expert transport over device-native point-to-point collectives: NCCL on GPUs, HCCL on Ascend NPUs (registered by
 torch_npu), gloo on CPU. It carries dispatch between the attention workers and expert shards of ONE expert group
-(a node, supernode slice or NVLink domain of the plan); `HybridTransport` (proto/hybrid.py) keeps gRPC for every other shard.
+(a node, supernode slice or NVLink domain of the plan); `HybridTransport` (proto/hybrid.py) keeps gRPC for every other
+shard.
 
 Group: one torch.distributed process group per expert group; its members are the group's expert shards and the
 attention workers on its devices. Convention: shards take ranks 0..S-1, workers S..S+W-1. Every worker's
 `CollectiveTransport` knows every shard of the group and every `CollectiveShardServer` serves every worker of it.
-`init_group` is the rendezvous. The Ray app wires it in behind `experts.transport: collective` (cluster/serve/app.py: one
+`init_group` is the rendezvous. The Ray app wires it in behind `experts.transport: collective` (cluster/serve/: one
 group of the base shards and the fixed attention workers; docs/wire.md, "Collective transport").
 
 Two directions, two process groups: requests go worker -> shard on `group.requests`, replies shard -> worker on

@@ -9,7 +9,8 @@ task (the model step itself in a worker thread) behind `async for out in generat
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence as Seq
+from collections.abc import AsyncIterator, Callable
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 import torch
@@ -18,8 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from moemesh.actors.attention.blocks import CacheLayout
 from moemesh.actors.attention.paged_cache import KVCacheUsage, PagedKVCache
 from moemesh.actors.attention.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from moemesh.actors.attention.sequence import FinishReason, RequestParams, Sequence
-from moemesh.actors.ingress.text import IncrementalDecoder, StopCutter
+from moemesh.actors.attention.sequence import Sequence
+from moemesh.actors.request import FinishReason, RequestParams, check_token_ids
 from moemesh.kernels.decode_state import SequenceCache
 from moemesh.kernels.model import DeepseekV4
 from moemesh.kernels.sampling import SamplingParams, sample
@@ -39,12 +40,11 @@ class CacheConfig(BaseModel):
 
 @dataclass
 class RequestOutput:
-    """What one step produced for one request: its new token(s), the text they add (a delta: concatenating every
-    delta gives the completion), and, on its last output, why it finished."""
+    """What one step produced for one request: its new token(s) and, on its last output, why it finished. Token ids
+    only: text (and stop strings) are the ingress's (actors/ingress/), the one place that detokenizes."""
 
     request_id: str
     new_token_ids: list[int]
-    text: str
     finish_reason: FinishReason | None
     prompt_tokens: int
     completion_tokens: int
@@ -64,8 +64,6 @@ class _Request:
     params: RequestParams
     sampling: SamplingParams
     generator: torch.Generator | None
-    decoder: IncrementalDecoder | None  # None without a tokenizer: no text
-    cutter: StopCutter
     cache: SequenceCache | None = None
 
 
@@ -75,11 +73,11 @@ class Engine:
     add_request() queues; each step() runs one model step over every running sequence (new ones join at the next
     step) and returns one `RequestOutput` per request that got a token; finished requests free their KV memory."""
 
-    def __init__(self, model: DeepseekV4, tokenizer=None, cache: CacheConfig | None = None,
+    def __init__(self, model: DeepseekV4, cache: CacheConfig | None = None,
                  scheduler: SchedulerConfig | None = None, model_step: ModelStep | None = None,
                  max_model_len: int | None = None):
         cfg = model.config
-        self.model, self.tokenizer = model, tokenizer
+        self.model = model
         self.model_step: ModelStep = model_step or model.step
         self.max_model_len = min(cfg.max_position_embeddings, max_model_len or cfg.max_position_embeddings)
         scheduler = scheduler or SchedulerConfig()
@@ -102,20 +100,14 @@ class Engine:
             raise ValueError(f"request_id: a non-empty string is needed, got {request_id!r}")
         if request_id in self._requests:
             raise ValueError(f"request_id: {request_id!r} is already in use")
-        prompt = [int(t) for t in prompt_token_ids]
         V = self.model.config.vocab_size
-        bad = [t for t in prompt if not 0 <= t < V]
-        if not prompt or bad:
-            raise ValueError(f"prompt_token_ids: need 1 or more ids in [0, {V}), got {len(prompt)} ids"
-                             + (f", bad {bad[:5]}" if bad else ""))
+        prompt = check_token_ids(prompt_token_ids, V, "prompt_token_ids")
+        if not prompt:
+            raise ValueError("prompt_token_ids: need 1 or more token ids, got none")
         if len(prompt) + params.max_tokens > self.max_model_len:
             raise ValueError(f"max_tokens: prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} exceed "
                              f"the context of {self.max_model_len} tokens")
-        bad = [t for t in params.stop_token_ids if t >= V]
-        if bad:
-            raise ValueError(f"stop_token_ids: ids must be < {V}, got {bad}")
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop: stop strings need an engine with a tokenizer")
+        check_token_ids(params.stop_token_ids, V, "stop_token_ids")
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self._eos)
         seq = Sequence(request_id, prompt, params.max_tokens, stop_ids)
         if params.replay_chunks:
@@ -132,18 +124,13 @@ class Engine:
         seq = self.check_request(request_id, prompt_token_ids, params)
         self.scheduler.add(seq)
         sampling = params.sampling()
-        decoder = IncrementalDecoder(self.tokenizer) if self.tokenizer is not None else None
-        self._requests[request_id] = _Request(seq, params, sampling, sampling.generator(self.model.device), decoder,
-                                              StopCutter(params.stop))
+        self._requests[request_id] = _Request(seq, params, sampling, sampling.generator(self.model.device))
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """End a request now and free its memory -> its last output (finish_reason "abort"); None if unknown."""
         if self.scheduler.abort(request_id) is None:
             return None
-        req = self._requests.pop(request_id)
-        if req.decoder is not None:
-            req.cutter.add(req.decoder.flush())
-        return self._output(req, [])
+        return self._output(self._requests.pop(request_id), [])
 
     def abort_all(self) -> list[RequestOutput]:
         return [out for rid in list(self._requests) if (out := self.abort(rid)) is not None]
@@ -194,29 +181,15 @@ class Engine:
             if rid not in sampled or rid not in self._requests:
                 continue
             req, token = self._requests[rid], sampled[rid]
-            text = self._text(req, token)
             if req.seq.finish_reason is not None:
                 del self._requests[rid]
-            outputs.append(self._output(req, [token], text))
+            outputs.append(self._output(req, [token]))
         return outputs
 
-    def _text(self, req: _Request, token: int) -> str:
-        """Detokenize a new token and cut at stop strings (which finish the request) -> the text delta to send."""
+    @staticmethod
+    def _output(req: _Request, tokens: list[int]) -> RequestOutput:
         seq = req.seq
-        if req.decoder is not None:
-            stop_token = seq.finish_reason == "stop" and token in seq.stop_token_ids  # its text is not returned
-            if req.cutter.add("" if stop_token else req.decoder.push([token])):
-                if seq.finish_reason is None:
-                    self.scheduler.finish(seq.request_id, "stop")
-                seq.finish_reason = "stop"
-            elif seq.finish_reason is not None and req.cutter.add(req.decoder.flush()):
-                seq.finish_reason = "stop"
-        return req.cutter.release(final=seq.finish_reason is not None)
-
-    def _output(self, req: _Request, tokens: list[int], text: str | None = None) -> RequestOutput:
-        seq = req.seq
-        text = req.cutter.release(final=True) if text is None else text
-        return RequestOutput(seq.request_id, tokens, text, seq.finish_reason, len(seq.prompt_token_ids),
+        return RequestOutput(seq.request_id, tokens, seq.finish_reason, len(seq.prompt_token_ids),
                              len(seq.output_token_ids))
 
 

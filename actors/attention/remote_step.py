@@ -1,8 +1,9 @@
 """The forward step of an attention worker whose routed experts and Engram tables live in other processes.
 
 Per step: hash the step's tokens and fetch every Engram layer's rows (before layer 0: the indices depend only on the
-tokens), then per layer run attention & co locally, route, send each token once per destination shard, compute the
-shared expert while the routed experts are away, and combine. The step is a coroutine on the worker's I/O loop (where
+tokens), then drive the model's own layer loop (`DeepseekV4.layer_loop`: attention & co run locally) and answer each
+layer's MoE input: route, send each token once per destination shard, compute the shared expert while the routed
+experts are away, and hand back the sum. The step is a coroutine on the worker's I/O loop (where
 its gRPC channels live); `__call__` is the synchronous form the engine's step thread uses.
 """
 
@@ -18,7 +19,6 @@ import torch
 
 from moemesh.actors.attention.token_dispatch import Dispatcher
 from moemesh.kernels.decode_state import SequenceCache
-from moemesh.kernels.mhc import merge_streams
 from moemesh.kernels.model import DeepseekV4
 
 EngramLookup = Callable[[dict[int, torch.Tensor]], Awaitable[dict[int, torch.Tensor]]]
@@ -67,14 +67,16 @@ class RemoteStep:
                 self.engram_latency.observe(time.perf_counter() - started)
         with torch.inference_mode():
             step = model.begin_step(token_ids, caches, rows)
-            streams = step.streams
-            for block in model.layers:
-                streams, post, comb, x = block.before_moe(streams, step)
+            loop, y = model.layer_loop(step), None  # the model's own layer loop; only the MoE differs
+            while True:
+                try:
+                    block, x = loop.send(y)  # x [N, D]
+                except StopIteration as done:
+                    return model.end_step(step, done.value)
                 weights, indices = block.ffn.gate(x, step.token_ids)
                 routed = asyncio.ensure_future(self.dispatcher(block.layer, x, indices, weights, step_id))
                 shared = await asyncio.to_thread(_no_grad(block.ffn.shared_experts), x)  # overlaps the all-to-all
-                streams = merge_streams(streams, (await routed) + shared, post, comb)
-            return model.end_step(step, streams)
+                y = (await routed) + shared  # [N, D]
 
 
 def _no_grad(fn):

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel, ConfigDict, Field
 
 from moemesh.actors.attention.blocks import BlockManager
-from moemesh.actors.attention.sequence import FinishReason, Sequence, SequenceStatus
+from moemesh.actors.attention.sequence import Sequence, SequenceStatus
+from moemesh.actors.request import FinishReason
 
 
 class SchedulerConfig(BaseModel):

@@ -14,17 +14,15 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer
 
-from moemesh.actors.attention.token_dispatch import Dispatcher, ExpertMap
 from moemesh.actors.attention.engine import AsyncEngine, CacheConfig, Engine
-from moemesh.actors.engram.client import EngramClient, EngramClientConfig, EngramRoute, GrpcEngramTransport
-from moemesh.actors.ingress.generation import Delta
 from moemesh.actors.attention.remote_step import IoLoop, RemoteStep
-from moemesh.actors.role_metrics import WorkerCollector, engram_latency_histogram, role_registry, serve_registry
 from moemesh.actors.attention.scheduler import SchedulerConfig
 from moemesh.actors.attention.shard_avoidance import RecoveryConfig
-from moemesh.actors.attention.sequence import RequestParams
+from moemesh.actors.attention.token_dispatch import Dispatcher, ExpertMap
+from moemesh.actors.engram.client import EngramClient, EngramClientConfig, EngramRoute, GrpcEngramTransport
+from moemesh.actors.request import Delta, RequestParams
+from moemesh.actors.role_metrics import WorkerCollector, engram_latency_histogram, role_registry, serve_registry
 from moemesh.kernels.device import resolve_device
 from moemesh.kernels.model import load_model
 from moemesh.proto.auth import GrpcSecurity
@@ -76,16 +74,15 @@ class AttentionWorker:
         step = RemoteStep(self.model, self.dispatcher, self.engram.lookup if self.engram else None, self.io,
                           timeout_s=2 * recovery.deadline_s + 60,  # an Engram wait, then a layer's, at most
                           engram_latency=engram_latency_histogram(self.registry))
-        tokenizer = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
-        engine = Engine(self.model, tokenizer, CacheConfig(block_size=block_size, num_blocks=kv_cache_blocks),
+        engine = Engine(self.model, CacheConfig(block_size=block_size, num_blocks=kv_cache_blocks),
                         SchedulerConfig(max_num_seqs=max_num_seqs), model_step=step)
         self.engine = AsyncEngine(engine)
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: dict) -> AsyncIterator[dict]:
-        """Stream `Delta`s as dicts. Stopping the iteration (client gone) frees the request's KV blocks."""
+        """Stream `Delta`s (token ids; the ingress detokenizes and cuts at stop strings) as dicts. Stopping the
+        iteration (client gone, stop string found) frees the request's KV blocks."""
         async for out in self.engine.generate(request_id, prompt_token_ids, RequestParams(**params)):
-            yield asdict(Delta(out.new_token_ids, out.text, out.finish_reason, out.prompt_tokens,
-                               out.completion_tokens))
+            yield asdict(Delta(out.new_token_ids, out.finish_reason, out.prompt_tokens, out.completion_tokens))
 
     async def load(self) -> float:
         stats = self.engine.engine.stats()
@@ -110,7 +107,7 @@ class AttentionWorker:
                          "engram": list(self.engram.events) if self.engram is not None else []}
         return out
 
-    # ---- the expert map, changed live by the expert controller (cluster/control/controller.py) -------------------------
+    # ---- the expert map, changed live by the expert controller (cluster/control/controller.py) -----------------------
     async def expert_map_state(self) -> dict:
         """{version, in_use: map versions that dispatches under way were routed with, shards: extra shards known}."""
         emap = self.dispatcher.expert_map

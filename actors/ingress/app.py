@@ -2,7 +2,8 @@
 least loaded attention worker and streams the answer back (server-sent events) or returns it whole.
 
 `Ingress` is a plain class (no Ray): give it a `TextCodec` and objects that satisfy `Worker` (defined in
-`generation.py` with `Delta`, `GenerationParams` and `LeastLoadedRouter`, and re-exported here). The cluster builder
+`generation.py` with `LeastLoadedRouter`; the request's parameters and the worker's deltas are `RequestParams` and
+`Delta` of actors/request.py). The cluster builder
 turns it into a Serve deployment with `serve.deployment(serve.ingress()(Ingress))`; Serve then asks
 `__serve_build_asgi_app__` for the app. One request flows: the gate (`gate.py`: API key 401, admission 429) -> read
 the body (413 above the limit) -> parse and validate (`openai_protocol`, 400/404) -> tokenize, check the context ->
@@ -22,23 +23,42 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from moemesh import __version__
 from moemesh.actors.ingress.gate import Admission, ApiKeys, Gate
-from moemesh.actors.ingress.generation import (Choice, Delta, Generation, GenerationParams,  # noqa: F401 (re-exported)
-                                      LeastLoadedRouter, Worker)
+from moemesh.actors.ingress.generation import Choice, Generation, LeastLoadedRouter, Worker
 from moemesh.actors.ingress.metrics import Metrics, process_metrics
-from moemesh.actors.ingress.protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
-                                            ChatCompletionResponse, ChatMessageOut, CompletionChoice,
-                                            CompletionRequest, CompletionResponse, ErrorResponse, FinishReason,
-                                            IngressLimits, ModelCard, ModelList, OpenAIError, Usage, bad_request,
-                                            inline_schema, parse_json_body, to_openai_error, unavailable)
+from moemesh.actors.ingress.protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessageOut,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    FinishReason,
+    IngressLimits,
+    ModelCard,
+    ModelList,
+    OpenAIError,
+    Usage,
+    bad_request,
+    inline_schema,
+    parse_json_body,
+    to_openai_error,
+    unavailable,
+)
 from moemesh.actors.ingress.text import StopCutter, TextCodec
+from moemesh.actors.request import Delta, RequestParams, check_token_ids
 
-__all__ = ["Delta", "GenerationParams", "Ingress", "LeastLoadedRouter", "Worker"]
+__all__ = ["Delta", "Ingress", "LeastLoadedRouter", "RequestParams", "Worker"]
 log = logging.getLogger(__name__)
 
 
@@ -212,14 +232,13 @@ class Ingress:
 
     def _choices(self, req: CompletionRequest | ChatCompletionRequest, request_id: str) -> tuple[list[Choice], int]:
         """The worker sequences of a request: n per prompt, choice index = prompt index * n + j, seed + j."""
-        for t in req.stop_token_ids:
-            self._check_token(t, "stop_token_ids")
+        self._check_tokens(req.stop_token_ids, "stop_token_ids")
         choices, prompt_tokens = [], 0
         for p, (ids, echo) in enumerate(self._prompts(req)):
             max_tokens = self._max_tokens(len(ids), req)
             prompt_tokens += len(ids)
             for j in range(req.n):
-                params = GenerationParams(
+                params = self._params(
                     max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=max(req.top_k, 0),
                     seed=None if req.seed is None else (req.seed + j) % 2**63, stop=req.stop,
                     stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos)
@@ -239,9 +258,7 @@ class Ingress:
                 if not ids:
                     raise bad_request("prompt: no tokens after tokenization", "prompt")
             else:
-                ids = prompt
-                for t in ids:
-                    self._check_token(t, "prompt")
+                ids = self._check_tokens(prompt, "prompt")
             echo = "" if not req.echo else prompt if isinstance(prompt, str) else self.codec.decode(ids)
             out.append((ids, echo))
         return out
@@ -261,10 +278,20 @@ class Ingress:
                               f"{req.max_tokens} for the completion).", "max_tokens", "context_length_exceeded")
         return req.max_tokens
 
-    def _check_token(self, token: int, param: str) -> None:
-        if not 0 <= token < self.codec.vocab_size:
-            raise bad_request(f"{param}: token id {token} is outside the vocabulary [0, {self.codec.vocab_size})",
-                              param)
+    def _check_tokens(self, ids: list[int], param: str) -> list[int]:
+        try:
+            return check_token_ids(ids, self.codec.vocab_size, param)
+        except ValueError as e:
+            raise bad_request(str(e), param) from None
+
+    @staticmethod
+    def _params(**fields) -> RequestParams:
+        try:
+            return RequestParams(**fields)
+        except ValidationError as e:
+            first = e.errors()[0]
+            param = str(first["loc"][0]) if first.get("loc") else None
+            raise bad_request(f"{param}: {first['msg']}" if param else first["msg"], param) from None
 
     def _check_model(self, model: str) -> None:
         if model != self.model_name:

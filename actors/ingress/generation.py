@@ -1,10 +1,10 @@
 """What the ingress asks of attention workers, and how it runs one HTTP request on one of them.
 
 `Worker` is the interface (an attention worker, or a client of one such as a Serve handle adapter): `generate`
-streams `Delta`s for one sequence with `GenerationParams`. `LeastLoadedRouter` picks the worker for a request.
+streams `Delta`s for one sequence with `RequestParams`. `LeastLoadedRouter` picks the worker for a request.
 `Generation` runs the sequences of one request (its
 choices: n per prompt) as concurrent streams and merges them; each `Choice` turns its deltas into text
-(detokenized unless the worker sent text, cut at stop strings) and keeps the timings the metrics need.
+(detokenized here, the one place that does, and cut at stop strings) and keeps the timings the metrics need.
 """
 
 from __future__ import annotations
@@ -15,13 +15,12 @@ import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from moemesh.actors.ingress.protocol import FinishReason, OpenAIError, WorkerError, too_many_requests, unavailable
+from moemesh.actors.ingress.protocol import OpenAIError, WorkerError, too_many_requests, unavailable
 from moemesh.actors.ingress.text import IncrementalDecoder, StopCutter
+from moemesh.actors.request import Delta, FinishReason, RequestParams
 
 log = logging.getLogger(__name__)
 
@@ -32,38 +31,6 @@ class WorkerLost(ConnectionError):
     another worker."""
 
 
-class GenerationParams(BaseModel):
-    """What the worker needs to generate one sequence (one choice). Mirrors the engine's params model."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    max_tokens: int = Field(ge=1, description="Stop after this many new tokens (finish_reason 'length').")
-    temperature: float = Field(1.0, ge=0, description="0 = greedy.")
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0, description="0 = off.")
-    seed: int | None = None
-    stop: list[str] = Field(default_factory=list, description="Stop strings (the ingress also cuts at them).")
-    stop_token_ids: list[int] = Field(default_factory=list, description="Extra token ids that end the sequence.")
-    ignore_eos: bool = False
-    replay_chunks: list[int] = Field(default_factory=list, description="Set by the ingress when it moves a request "
-                                     "off a lost worker: how the prompt's tokens were fed there (exact recompute).")
-
-
-@dataclass(frozen=True)
-class Delta:
-    """What a worker streams for one sequence: its new tokens since the last delta.
-
-    `text`: the text of those tokens, or None to let the ingress detokenize. `finish_reason` is set on the last
-    delta and only there. `completion_tokens`: the cumulative count as the worker sees it; when given it is what
-    `usage` reports, otherwise the ingress counts the token ids it received. `prompt_tokens` is informational: the
-    ingress always reports the prompt it tokenized (a worker that re-prefilled after a failover sees more)."""
-
-    token_ids: list[int] = field(default_factory=list)
-    text: str | None = None
-    finish_reason: FinishReason | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-
-
 @runtime_checkable
 class Worker(Protocol):
     """An attention worker (or a client of one) as the ingress sees it.
@@ -71,14 +38,14 @@ class Worker(Protocol):
     - `generate` returns an async iterator of `Delta`s (an `async def` with `yield` qualifies); the last one has
       `finish_reason` set. Raise `ValueError` for parameters the worker refuses (the client gets 400) and
       `WorkerLost` when the worker itself is gone (the request moves to another worker, re-prefilling its prompt plus
-      the tokens already generated); any other exception fails the request with 503. When the ingress stops iterating (client gone, stop string found) it
-      cancels the iteration and calls `abort`.
+      the tokens already generated); any other exception fails the request with 503. When the ingress stops iterating
+      (client gone, stop string found) it cancels the iteration and calls `abort`.
     - `load` is the worker's queue depth (running + waiting requests), for least-loaded routing.
     - `abort` frees the request's resources (KV blocks); unknown or finished ids are ignored.
     """
 
     def generate(self, request_id: str, prompt_token_ids: list[int],
-                 params: GenerationParams) -> AsyncIterator[Delta]: ...
+                 params: RequestParams) -> AsyncIterator[Delta]: ...
 
     async def load(self) -> float: ...
 
@@ -183,7 +150,7 @@ class Choice:
     index: int
     request_id: str  # the worker's id for this sequence
     prompt_ids: list[int]
-    params: GenerationParams
+    params: RequestParams
     decoder: IncrementalDecoder
     cutter: StopCutter
     echo: str = ""
@@ -192,9 +159,6 @@ class Choice:
     worker_done: bool = False
     first_token_at: float | None = None
     finished_at: float | None = None
-    worker_text: bool = False  # the worker sent text (so `decoder` has not seen the tokens)
-    worker_text_len: int = 0
-    skip_chars: int = 0  # decoder output the client already got from a lost worker
 
     def feed(self, delta: Delta, now: float) -> None:
         """Take one delta: count tokens, decode, cut at a stop string (which finishes the choice)."""
@@ -202,40 +166,22 @@ class Choice:
             self.first_token_at = now
         self.tokens = delta.completion_tokens if delta.completion_tokens is not None else \
             self.tokens + len(delta.token_ids)
-        if delta.text is not None:
-            self.worker_text, self.worker_text_len = True, self.worker_text_len + len(delta.text)
-        text = delta.text if delta.text is not None else self._decoded(self.decoder.push(self._visible(delta)))
+        text = self.decoder.push(self._visible(delta))
         if delta.finish_reason:
             self.worker_done = True
-            text += self.decoder.flush() if delta.text is None else ""
+            text += self.decoder.flush()
         if self.cutter.add(text):
             self.finish("stop", now)
         elif delta.finish_reason:
             self.finish(delta.finish_reason, now)
 
     def _visible(self, delta: Delta) -> list[int]:
-        """The ids whose text the client sees: a stop token that ended the sequence is not shown (as in vLLM)."""
+        """The ids whose text the client sees: a `stop_token_ids` id that ended the sequence is not shown (as in vLLM;
+        eos and other special tokens decode to nothing)."""
         ids = delta.token_ids
         if delta.finish_reason == "stop" and ids and ids[-1] in self.params.stop_token_ids:
             return ids[:-1]
         return ids
-
-    def resume(self, token_ids: list[int], now: float) -> None:
-        """The sequence moves to another worker after `token_ids` (all of its tokens so far); from now on the ingress
-        decodes. If the worker did the decoding so far, catch the decoder up and take the text the lost worker still
-        held back (it waits at stop-string prefixes)."""
-        if not self.worker_text:
-            return
-        self.worker_text, self.skip_chars = False, self.worker_text_len
-        if self.cutter.add(self._decoded(self.decoder.push(token_ids))):
-            self.finish("stop", now)
-
-    def _decoded(self, text: str) -> str:
-        """Decoder output minus what the lost worker already sent (the decoder holds back partial characters, so
-        that text may come out later than the catch-up push)."""
-        cut = min(self.skip_chars, len(text))
-        self.skip_chars -= cut
-        return text[cut:]
 
     def finish(self, reason: FinishReason, now: float) -> None:
         if self.finish_reason is None:
@@ -245,13 +191,6 @@ class Choice:
         """Text that can go to the client now (all of it once finished)."""
         out, self.echo = self.echo + self.cutter.release(final=self.finish_reason is not None), ""
         return out
-
-
-@dataclass(frozen=True)
-class _Resumed:
-    """Queued when a choice moves to another worker: every token it had so far."""
-
-    token_ids: list[int]
 
 
 @dataclass(frozen=True)
@@ -302,10 +241,7 @@ class Generation:
                 continue
             if isinstance(item, BaseException):
                 raise WorkerError(str(item)) from item
-            if isinstance(item, _Resumed):
-                choice.resume(item.token_ids, time.perf_counter())
-            else:
-                choice.feed(item, time.perf_counter())
+            choice.feed(item, time.perf_counter())
             if choice.finish_reason:
                 del live[index]
                 self._stop(choice)
@@ -352,7 +288,7 @@ class Generation:
 
     async def _stream(self, worker: Worker, choice: Choice, got: list[int], moves: int, record: dict | None) -> None:
         """One worker's stream of the choice; after a move the prompt is the original prompt + `got`, and the deltas
-        are rebased (cumulative counts) and decoded here; the first one stamps the move's `record` resumed."""
+        are rebased (cumulative counts); the first one stamps the move's `record` resumed."""
         request_id = choice.request_id if not moves else f"{choice.request_id}-m{moves}"
         self._on[choice.index] = (worker, request_id)
         params = choice.params
@@ -365,7 +301,7 @@ class Generation:
             stream = worker.generate(request_id, choice.prompt_ids + got, params)
             async for delta in stream:
                 if moves:
-                    delta = Delta(delta.token_ids, None, delta.finish_reason, delta.prompt_tokens,
+                    delta = Delta(delta.token_ids, delta.finish_reason, delta.prompt_tokens,
                                   None if delta.completion_tokens is None else offset + delta.completion_tokens)
                     if record is not None:
                         record["resumed_at"], record = time.time(), None
@@ -388,7 +324,6 @@ class Generation:
                   "resumed_at": None}
         self.router.readmits.append(record)
         self.router.mark_down(lost, self.readmit.down_for_s)
-        self._queue.put_nowait((choice.index, _Resumed(list(got))))
         deadline = time.monotonic() + self.readmit.timeout_s
         while True:
             try:

@@ -15,7 +15,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
 
-FinishReason = Literal["stop", "length", "abort"]
+from moemesh.actors.request import FinishReason
+
 SEED_RANGE = (0, 2**63 - 1)  # what torch generators and the engine accept
 
 

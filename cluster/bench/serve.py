@@ -90,7 +90,7 @@ def http_one(url: str, model: str, max_tokens: int, api_key: str | None = None):
 
 
 def engine_one(engine, max_tokens: int):
-    from moemesh.actors.attention.sequence import RequestParams
+    from moemesh.actors.request import RequestParams
 
     counter = iter(range(1 << 62))
 
@@ -123,15 +123,12 @@ TABLE_HEAD = ("| path | concurrency | requests | decode tok/s | TTFT p50 s | TTF
 # ---- the three measurements ----------------------------------------------------------------------------------------
 async def bench_monolithic(model_dir: str, levels: list[int], per_client: int, prompt_len: int,
                            max_tokens: int) -> list[LoadResult]:
-    from tokenizers import Tokenizer
-
     from moemesh.actors.attention.engine import AsyncEngine, CacheConfig, Engine
     from moemesh.actors.attention.scheduler import SchedulerConfig
     from moemesh.kernels.model import load_model
 
     model = load_model(model_dir)
-    tokenizer = Tokenizer.from_file(f"{model_dir}/tokenizer.json")
-    engine = AsyncEngine(Engine(model, tokenizer, CacheConfig(num_blocks=8192, block_size=16),
+    engine = AsyncEngine(Engine(model, CacheConfig(num_blocks=8192, block_size=16),
                                 SchedulerConfig(max_num_seqs=max(levels))))
     try:
         return [await _drive(engine_one(engine, max_tokens),

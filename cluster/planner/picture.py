@@ -3,8 +3,9 @@ the experts each device holds where they fit, and the bytes per link tier per st
 
 Layout (D = devices, W = grid width): each grid row holds whole hosts (W = devices per host x hosts per row, chosen to
 keep the grid about twice as wide as tall); thin white lines separate hosts, black outlines (thicker for outer tiers)
-separate tier domains (a cabinet, a supernode, an NVLink domain, ...), and red triangles mark attention ranks. Devices without experts are grey.
-Matplotlib with the Agg backend (no display needed). Figure size is fixed: `FIGSIZE` inches at `DPI`.
+separate tier domains (a cabinet, a supernode, an NVLink domain, ...), and red triangles mark attention ranks. Devices
+without experts are grey. Matplotlib with the Agg backend (no display needed). Figure size is fixed: `FIGSIZE` inches at
+`DPI`.
 """
 
 from __future__ import annotations

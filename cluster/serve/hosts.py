@@ -1,7 +1,7 @@
 """Process hosts: a shard (expert or Engram) loaded from the checkpoint and served over gRPC from an I/O loop thread.
 
-Plain classes: the builder (cluster/serve/app.py) turns them into Serve deployments (one replica = one process); tests can
-run them in-process. A host reports its gRPC address; attention workers then talk to it directly, never through Ray.
+Plain classes: the builder (cluster/serve/app.py) turns them into Serve deployments (one replica = one process); tests
+can run them in-process. A host reports its gRPC address; attention workers then talk to it directly, never through Ray.
 `security` (proto/auth.py) is the cluster token every call must carry and the TLS files; default neither.
 """
 
@@ -13,8 +13,10 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from moemesh.actors.attention.remote_step import IoLoop
-from moemesh.actors.engram.service import EngramShard, serve_engram_shard
-from moemesh.actors.experts.shard import BatchingConfig, ExpertShard, serve_expert_shard
+from moemesh.actors.engram.service import EngramShard
+from moemesh.actors.engram.server import serve_engram_shard
+from moemesh.actors.experts.shard import BatchingConfig, ExpertShard
+from moemesh.actors.experts.server import serve_expert_shard
 from moemesh.actors.role_metrics import EngramShardCollector, ExpertShardCollector, role_registry, serve_registry
 from moemesh.kernels.checkpoint import Checkpoint
 from moemesh.kernels.device import resolve_device

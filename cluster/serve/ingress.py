@@ -13,7 +13,8 @@ from ray import serve
 from ray.serve.schema import ReplicaState
 
 from moemesh.actors.ingress.app import Ingress
-from moemesh.actors.ingress.generation import Delta, WorkerLost
+from moemesh.actors.ingress.generation import WorkerLost
+from moemesh.actors.request import Delta
 from moemesh.actors.ingress.protocol import IngressLimits
 from moemesh.actors.ingress.text import TextCodec
 from moemesh.cluster.names import (
@@ -55,8 +56,8 @@ class HandleWorker:
 
 
 class PoolWorker(HandleWorker):
-    """The ingress's `ElasticWorker` (actors/ingress/generation.py) over the `attention-pool` handle. Serve picks the pool
-    replica of each sequence (its own queue-length routing); this class counts what it streams there and how many
+    """The ingress's `ElasticWorker` (actors/ingress/generation.py) over the `attention-pool` handle. Serve picks the
+    pool replica of each sequence (its own queue-length routing); this class counts what it streams there and how many
     replicas run.
 
     - `load()`: this ingress's sequences on the pool per running replica (the ingress is the pool's only client);

@@ -1,7 +1,7 @@
 """The attention pool's Serve autoscaling policy, and the stats its replicas report for it.
 
-`attention-pool` (cluster/serve/app.py) is a Serve deployment whose replicas are extra data-parallel ranks; Serve sizes it
-with `AttentionPoolPolicy`. Every replica reports, through Serve's `record_autoscaling_stats` hook:
+`attention-pool` (cluster/serve/app.py) is a Serve deployment whose replicas are extra data-parallel ranks; Serve sizes
+it with `AttentionPoolPolicy`. Every replica reports, through Serve's `record_autoscaling_stats` hook:
 
 - `QUEUE`: its sequences running + waiting (the ingress's `load()`);
 - `TTFT`: the p90 of its times to first token over the last `look_back_period_s` (`RecentTtft`), 0 with none.
@@ -12,7 +12,8 @@ must hold that long before it is carried out) and the min/max bounds; from zero 
 request waits at a handle, without calling the policy. So the policy is one pure function of the context.
 
 The ingress sends work to the pool only once every fixed rank holds `target_queue_per_replica` sequences (spill,
-actors/ingress/generation.py), so the pool's queue is the overflow of the fixed ranks and the pool empties when they suffice.
+actors/ingress/generation.py), so the pool's queue is the overflow of the fixed ranks and the pool empties when they
+suffice.
 
 Serve pickles this module by value into its controller: keep it free of Ray and of moemesh imports.
 """

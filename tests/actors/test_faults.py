@@ -11,10 +11,12 @@ import torch
 import moemesh
 from moemesh.actors.attention.token_dispatch import Dispatcher, ExpertMap
 from moemesh.actors.engram.client import EngramClient, EngramClientConfig, EngramRoute, GrpcEngramTransport
-from moemesh.actors.engram.service import EngramShard, serve_engram_shard
-from moemesh.actors.experts.shard import ExpertShard, serve_expert_shard
-from moemesh.actors.ingress.generation import (Choice, Delta, Generation, GenerationParams, LeastLoadedRouter,
-                                       WorkerLost)
+from moemesh.actors.engram.service import EngramShard
+from moemesh.actors.engram.server import serve_engram_shard
+from moemesh.actors.experts.shard import ExpertShard
+from moemesh.actors.experts.server import serve_expert_shard
+from moemesh.actors.ingress.generation import Choice, Generation, LeastLoadedRouter, WorkerLost
+from moemesh.actors.request import Delta, RequestParams
 from moemesh.actors.attention.shard_avoidance import RecoveryConfig
 from moemesh.actors.ingress.text import StopCutter, TextCodec
 from moemesh.kernels.checkpoint import Checkpoint
@@ -133,7 +135,7 @@ class _Counter:
                 raise WorkerLost("the worker's process died")
             last = (last + 1) % 50
             yield Delta([last], finish_reason="length" if i == params.max_tokens - 1 else None,
-                        completion_tokens=i + 1, text=f"<{last}>")
+                        completion_tokens=i + 1)
 
     async def load(self) -> float:
         return 0.0 if self.die_after is None else -1.0  # the dying one is picked first
@@ -146,7 +148,7 @@ def test_a_request_moves_to_another_worker_when_its_worker_is_lost(tiny_model_di
     codec = TextCodec.from_checkpoint(tiny_model_dir)
     dying, healthy = _Counter(die_after=3), _Counter()
     router = LeastLoadedRouter([dying, healthy])
-    params = GenerationParams(max_tokens=8, temperature=0)
+    params = RequestParams(max_tokens=8, temperature=0)
 
     async def main():
         worker = await router.pick()
@@ -170,7 +172,7 @@ def test_a_moved_request_replayed_in_its_original_chunks_continues_exactly(model
     """A one-chunk prefill of prompt + generated tokens can differ from prefill + decode steps (the CSA indexer's
     ties depend on the pool size when a query runs: here a 55-token prompt); replaying the original chunks cannot."""
     from moemesh.actors.attention.engine import Engine
-    from moemesh.actors.attention.sequence import RequestParams
+    from moemesh.actors.request import RequestParams
 
     prompt = torch.randint(3, model.config.vocab_size, (55,), generator=torch.Generator().manual_seed(7)).tolist()
     full = model.generate(torch.tensor([prompt]), max_new_tokens=10, eos_token_id=None)[0, len(prompt):].tolist()

@@ -125,8 +125,8 @@ def reference(tiny_model_dir) -> Reference:
     return Reference(tiny_model_dir)
 
 
-def _wait_until(what: str, probe, timeout_s: float = 180.0, every_s: float = 0.5):
-    """Poll `probe()` until it returns something truthy (bounded)."""
+def _wait_until(what: str, probe, timeout_s: float = 180.0, every_s: float = 0.2):
+    """Poll `probe()` every `every_s` until it returns something truthy (bounded by `timeout_s`)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         got = probe()
@@ -196,7 +196,7 @@ class HttpLoad:
 
 @pytest.fixture(scope="session")
 def wait_until():
-    """`wait_until(what, probe, timeout_s=180, every_s=0.5)`: poll until `probe()` is truthy -> its value."""
+    """`wait_until(what, probe, timeout_s=180, every_s=0.2)`: poll until `probe()` is truthy -> its value."""
     return _wait_until
 
 

@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 
 from moemesh.actors.attention.token_dispatch import Dispatcher, ExpertMap
-from moemesh.actors.experts.shard import BatchingConfig, ExpertShard, serve_expert_shard
+from moemesh.actors.experts.shard import BatchingConfig, ExpertShard
+from moemesh.actors.experts.server import serve_expert_shard
 from moemesh.kernels.config import ModelConfig
 from moemesh.kernels.weights import expert_tensor_names
 from moemesh.proto import collective_link, errors
@@ -172,7 +173,8 @@ async def _work(port: int, out_path: str) -> None:
 async def _cue(store: dist.TCPStore, transport: CollectiveTransport, shard: str) -> None:
     """Give `shard` its cue and wait until its link has ended."""
     store.set(f"test/cue/{SHARDS[shard]}", "1")
-    for _ in range(200):
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # a condition wait: poll until the link has ended
         if not await transport.health(shard, 1):
             return
         await asyncio.sleep(0.05)
@@ -210,7 +212,7 @@ def _zygote(port: int, out_path: str) -> None:
 
 def _exit_with(parent: int) -> None:
     """A forked role ends when the process that forked it is gone (nothing outlives the test)."""
-    while os.getppid() == parent:
+    while os.getppid() == parent:  # a watchdog poll: no event tells a child its parent died
         time.sleep(0.5)
     os._exit(1)
 
@@ -359,8 +361,8 @@ def test_nccl_without_cuda_is_a_clear_error():
 def test_framing_round_trip_and_checks():
     hidden = torch.randn(3, D).to(torch.bfloat16)
     ids, weights = torch.randint(-1, E, (3, K), dtype=torch.int32), torch.rand(3, K)
-    header, parts = collective_link.encode(collective_link.REQUEST, (hidden, ids, weights), collective_link.REQUEST_FIELDS,
-                                      request_id=7, layer=2, step_id=5, version=-1)
+    header, parts = collective_link.encode(collective_link.REQUEST, (hidden, ids, weights),
+                                           collective_link.REQUEST_FIELDS, request_id=7, layer=2, step_id=5, version=-1)
     h = header.tolist()
     collective_link.check_header(h, 1 << 20)
     raws = [p.clone() for p in parts]  # what the receiver gets: fresh byte buffers

@@ -37,7 +37,7 @@ def test_the_state_slot_holds_exactly_the_fixed_state():
     hca = 2 * 7 * 32  # buf kv+gate, one series, no overlap
     assert layout.slot_elems == window + 2 * csa + hca
     ends = sorted((f.offset, f.offset + f.rows * f.width) for f in layout.fields)
-    assert all(a[1] == b[0] for a, b in itertools.pairwise(ends)) and ends[-1][1] == layout.slot_elems  # packed, no gaps
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(ends)) and ends[-1][1] == layout.slot_elems  # no gaps
 
 
 def test_max_tokens_is_the_longest_sequence_that_fits():

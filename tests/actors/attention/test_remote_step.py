@@ -9,7 +9,8 @@ import torch
 
 import moemesh
 from moemesh.actors.attention.token_dispatch import Dispatcher, ExpertMap
-from moemesh.actors.experts.shard import ExpertShard, serve_expert_shard
+from moemesh.actors.experts.shard import ExpertShard
+from moemesh.actors.experts.server import serve_expert_shard
 from moemesh.actors.attention.remote_step import IoLoop, RemoteStep
 from moemesh.kernels.checkpoint import Checkpoint
 from moemesh.kernels.model import DeepseekV4

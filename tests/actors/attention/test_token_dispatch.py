@@ -78,13 +78,16 @@ def test_dispatch_over_shards_with_replicas_equals_the_full_bank(tiny_model_dir)
 
 
 class _Gated:
-    """A shard that waits for `gate` before answering, and raises Unavailable while `down`."""
+    """A shard that waits for `gate` before answering, and raises Unavailable while `down`. `arrived` is set each time
+    a dispatch reaches it (the test clears it to wait for the next one)."""
 
     def __init__(self, shard, gate: asyncio.Event | None = None, down: bool = False):
         self.shard, self.gate, self.down, self.versions = shard, gate, down, []
+        self.arrived = asyncio.Event()
 
     async def dispatch(self, batch):
         self.versions.append(batch.expert_map_version)
+        self.arrived.set()
         if self.gate is not None:
             await self.gate.wait()
         if self.down:
@@ -117,11 +120,16 @@ def test_versions_in_use_lists_the_maps_of_dispatches_still_under_way(tiny_model
     async def main():
         gated = _Gated(shards[0], asyncio.Event())
         dispatcher = Dispatcher(InProcessTransport({0: gated}), ExpertMap.from_assignment(assignment, n_experts=E))
+
+        async def reached_the_shard():
+            await asyncio.wait_for(gated.arrived.wait(), 10)
+            gated.arrived.clear()
+
         old = asyncio.create_task(dispatcher(LAYER, x, indices, weights))
-        await asyncio.sleep(0.01)
+        await reached_the_shard()  # the old dispatch is under way (held at the shard) with map 0
         dispatcher.swap_map(ExpertMap.from_assignment(assignment, n_experts=E, version=1))
         new = asyncio.create_task(dispatcher(LAYER, x, indices, weights))
-        await asyncio.sleep(0.01)
+        await reached_the_shard()
         assert dispatcher.versions_in_use() == [0, 1] and gated.versions == [0, 1]
         gated.gate.set()
         results = await asyncio.gather(old, new)

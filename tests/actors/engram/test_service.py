@@ -20,8 +20,8 @@ from moemesh.actors.engram import service as engram_service
 from moemesh.kernels import checkpoint as checkpoint_module
 from moemesh.actors.engram.client import (EngramClient, EngramClientConfig, EngramRoute, GrpcEngramTransport,
                                           InProcessEngramTransport, RowCache)
-from moemesh.actors.engram.service import (EngramShard, engram_layout, serve_engram_shard, shard_ranges,
-                                           table_name)
+from moemesh.actors.engram.service import EngramShard, engram_layout, shard_ranges, table_name
+from moemesh.actors.engram.server import serve_engram_shard
 from moemesh.kernels.checkpoint import Checkpoint, save_checkpoint
 from moemesh.proto import codec, engram_pb2, engram_pb2_grpc, errors, health_pb2, health_pb2_grpc, tensor_pb2
 
@@ -213,7 +213,7 @@ def test_failover_to_another_replica_when_one_server_stops(model):
 
 class _SlowShard(EngramShard):
     def lookup_many(self, row_ids):
-        time.sleep(1.0)
+        time.sleep(1.0)  # time under test: a replica slower than the client's attempt_timeout_s (0.2 s)
         return super().lookup_many(row_ids)
 
 

@@ -10,7 +10,8 @@ import grpc
 import pytest
 import torch
 
-from moemesh.actors.experts.shard import BatchingConfig, ExpertShard, serve_expert_shard
+from moemesh.actors.experts.shard import BatchingConfig, ExpertShard
+from moemesh.actors.experts.server import serve_expert_shard
 from moemesh.kernels.config import ModelConfig
 from moemesh.kernels.weights import expert_tensor_names
 from moemesh.proto import codec, errors, expert_pb2, expert_pb2_grpc, health_pb2, health_pb2_grpc, tensor_pb2
@@ -168,13 +169,19 @@ def test_empty_request_answers_empty_without_a_computation():
     assert out.shape == (0, D) and shard.counters.batches == 0
 
 
+async def _until(condition) -> None:
+    """Yield to the event loop until `condition()` holds (callers bound it with `asyncio.wait_for`)."""
+    while not condition():
+        await asyncio.sleep(0)
+
+
 def test_overload_refuses_new_work_beyond_the_pending_limit():
     shard = ExpertShard.from_tensors(CFG, {1: range(E)}, TENSORS,
                                      batching=BatchingConfig(max_wait_s=0.1, max_tokens=10_000, max_pending_tokens=10))
 
     async def main():
         first = asyncio.ensure_future(shard.dispatch(_batch(8)))  # pending for max_wait_s
-        await asyncio.sleep(0)
+        await asyncio.wait_for(_until(lambda: shard.counters.requests == 1), 5)  # its 8 tokens are pending now
         with pytest.raises(errors.Overloaded, match="8 tokens pending"):
             await shard.dispatch(_batch(3))
         small = await shard.dispatch(_batch(2))  # fits: joins the first batch

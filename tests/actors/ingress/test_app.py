@@ -14,7 +14,8 @@ import httpx
 import pytest
 import uvicorn
 
-from moemesh.actors.ingress.app import Delta, GenerationParams, Ingress, LeastLoadedRouter, Worker
+from moemesh.actors.ingress.app import Ingress, LeastLoadedRouter, Worker
+from moemesh.actors.request import Delta, RequestParams
 from moemesh.actors.ingress.metrics import Metrics
 from moemesh.actors.ingress.protocol import IngressLimits
 from moemesh.actors.ingress.text import TextCodec
@@ -44,14 +45,14 @@ def script(codec) -> list[int]:
 class FakeWorker:
     """A deterministic attention worker: a sequence emits `script` one token per delta, rotated by its seed, ending
     with "stop" at the script's end or "length" at max_tokens. `endless` cycles the script forever; `fail_at` raises
-    before that token; `text_of` makes the worker send text itself; `load_base` is added to its running count."""
+    before that token; `load_base` is added to its running count."""
 
     def __init__(self, script, load_base=0.0, delay=0.0, endless=False, fail_at=None, error=RuntimeError,
-                 text_of=None, no_finish=False, burst=False):
+                 no_finish=False, burst=False):
         self.script, self.load_base, self.delay, self.endless = script, load_base, delay, endless
-        self.fail_at, self.error, self.text_of, self.no_finish = fail_at, error, text_of, no_finish
+        self.fail_at, self.error, self.no_finish = fail_at, error, no_finish
         self.burst = burst  # never yield to the event loop: the whole script is queued before the ingress reads
-        self.calls: list[tuple[str, list[int], GenerationParams]] = []
+        self.calls: list[tuple[str, list[int], RequestParams]] = []
         self.aborted: list[str] = []
         self.closed: list[str] = []
         self.running = 0
@@ -70,7 +71,7 @@ class FakeWorker:
                 finish = "length" if i + 1 == params.max_tokens else None
                 if not self.endless and i + 1 == len(tokens) and not self.no_finish:
                     finish = finish or "stop"
-                yield Delta([token], self.text_of(token) if self.text_of else None, finish)
+                yield Delta([token], finish)
                 if finish:
                     return
         finally:
@@ -147,7 +148,7 @@ async def test_completion(tiny_model_dir, codec, script):
                               "total_tokens": len(prompt_ids) + 5}}
     (rid, ids, params), = worker.calls
     assert rid == body["id"] + "-0" and ids == prompt_ids
-    assert params == GenerationParams(max_tokens=5, temperature=0.0)
+    assert params == RequestParams(max_tokens=5, temperature=0.0)
 
 
 async def test_completion_defaults_and_stop_at_end(tiny_model_dir, codec, script):
@@ -286,13 +287,6 @@ async def test_stop_token_text_is_not_returned(tiny_model_dir, codec, script):
         body = (await c.post("/v1/completions", json=_completion(max_tokens=100, stop_token_ids=[script[-1]]))).json()
     assert body["choices"][0]["text"] == codec.decode(script[:-1]) and body["choices"][0]["finish_reason"] == "stop"
     assert body["usage"]["completion_tokens"] == len(script)
-
-
-async def test_worker_sends_text(tiny_model_dir, script):
-    worker = FakeWorker(script, text_of=lambda t: f"<{t}>")
-    async with client(make_ingress(tiny_model_dir, worker)) as c:
-        body = (await c.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 2})).json()
-    assert body["choices"][0]["text"] == f"<{script[0]}><{script[1]}>"
 
 
 # ---- routing -------------------------------------------------------------------------------------------------------
@@ -559,10 +553,10 @@ class EngineWorker:
         self.engine = engine
 
     async def generate(self, request_id, prompt_token_ids, params):
-        from moemesh.actors.attention.sequence import RequestParams
+        from moemesh.actors.request import RequestParams
 
         async for out in self.engine.generate(request_id, prompt_token_ids, RequestParams(**params.model_dump())):
-            yield Delta(out.new_token_ids, out.text, out.finish_reason, out.prompt_tokens, out.completion_tokens)
+            yield Delta(out.new_token_ids, out.finish_reason, out.prompt_tokens, out.completion_tokens)
 
     async def load(self) -> float:
         stats = self.engine.engine.stats()
@@ -577,10 +571,10 @@ async def test_http_tokens_equal_the_reference(tiny_model_dir, codec):
     import torch
 
     import moemesh
-    engine_mod = pytest.importorskip("moemesh.actors.attention.engine")
+    from moemesh.actors.attention.engine import AsyncEngine, Engine
 
     model = moemesh.load_model(tiny_model_dir)
-    engine = engine_mod.AsyncEngine(engine_mod.Engine(model, codec.tokenizer))
+    engine = AsyncEngine(Engine(model))
     prompts = ["The expert", "Mixture of experts routes every token", "a"]
     try:
         async with client(make_ingress(tiny_model_dir, EngineWorker(engine))) as c:
@@ -593,6 +587,45 @@ async def test_http_tokens_equal_the_reference(tiny_model_dir, codec):
         expected = model.generate(torch.tensor([ids]), max_new_tokens=10)[0, len(ids):].tolist()
         assert r.json()["choices"][0]["text"] == codec.decode(expected)
         assert r.json()["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 10, "total_tokens": len(ids) + 10}
+
+
+async def test_stop_strings_cut_the_text_and_end_the_engine_sequence(tiny_model_dir, codec):
+    """Stop strings are the ingress's (the one place that detokenizes): with the real engine behind it, the text
+    ends before the stop string, finish_reason is "stop", the completion ends on the token that completed the stop
+    string, and the engine's sequence is aborted (its KV memory freed)."""
+    import torch
+
+    import moemesh
+    from moemesh.actors.attention.engine import AsyncEngine, Engine
+
+    model = moemesh.load_model(tiny_model_dir)
+    engine = AsyncEngine(Engine(model))
+    prompt = "The quick brown fox jumps over the lazy dog."
+    body = _completion(prompt=prompt, max_tokens=40, temperature=0, ignore_eos=True)
+    try:
+        async with client(make_ingress(tiny_model_dir, EngineWorker(engine))) as c:
+            whole = (await c.post("/v1/completions", json=body, timeout=60)).json()
+            text = whole["choices"][0]["text"]
+            assert whole["choices"][0]["finish_reason"] == "length"
+            i = next(i for i in range(8, len(text) - 3) if text[i:i + 3].isalpha() and text.find(text[i:i + 3]) == i)
+            stop = text[i:i + 3]
+            cut = (await c.post("/v1/completions", json={**body, "stop": ["no such text", stop]}, timeout=60)).json()
+        ids = codec.encode(prompt)
+        tokens = model.generate(torch.tensor([ids]), max_new_tokens=40, eos_token_id=None)[0, len(ids):].tolist()
+        assert codec.decode(tokens) == text  # the deltas add up to the whole text
+        assert cut["choices"][0]["text"] == text[:i] and cut["choices"][0]["finish_reason"] == "stop"
+        first = next(t for t in range(1, len(tokens) + 1) if stop in codec.decode(tokens[:t]))
+        assert cut["usage"]["completion_tokens"] >= first  # it reached the token that completed the stop string
+        await _wait_for(lambda: engine.engine.kv.usage().used_blocks == 0)  # aborted: nothing left in the cache
+    finally:
+        await engine.shutdown()
+
+
+async def _wait_for(condition, timeout_s: float = 30.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
 
 
 # ---- over real HTTP ------------------------------------------------------------------------------------------------

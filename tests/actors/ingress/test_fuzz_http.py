@@ -11,7 +11,8 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from moemesh.actors.ingress.app import Delta, Ingress
+from moemesh.actors.ingress.app import Ingress
+from moemesh.actors.request import Delta
 from moemesh.actors.ingress.metrics import Metrics
 from moemesh.actors.ingress.protocol import IngressLimits
 
@@ -26,7 +27,7 @@ class QuickWorker:
     async def generate(self, request_id, prompt_token_ids, params):
         n = min(params.max_tokens, 8)
         for i in range(n):
-            yield Delta([7 + i], None, ("length" if n == params.max_tokens else "stop") if i + 1 == n else None)
+            yield Delta([7 + i], ("length" if n == params.max_tokens else "stop") if i + 1 == n else None)
 
     async def load(self) -> float:
         return 0.0

@@ -11,7 +11,8 @@ import httpx
 import pytest
 
 from moemesh.actors.ingress.gate import ApiKeys
-from moemesh.actors.ingress.app import Delta, Ingress
+from moemesh.actors.ingress.app import Ingress
+from moemesh.actors.request import Delta
 from moemesh.actors.ingress.metrics import Metrics
 from moemesh.actors.ingress.protocol import IngressLimits, OpenAIError
 
@@ -33,8 +34,8 @@ class SlowWorker:
 
     async def generate(self, request_id, prompt_token_ids, params):
         for i in range(params.max_tokens):
-            await asyncio.sleep(self.delay)
-            yield Delta([9], None, "length" if i + 1 == params.max_tokens else None)
+            await asyncio.sleep(self.delay)  # time under test: a slow worker, so requests stay in flight a while
+            yield Delta([9], "length" if i + 1 == params.max_tokens else None)
 
     async def load(self) -> float:
         return self.load_base
@@ -136,17 +137,23 @@ def test_api_keys_compare_against_every_key():
 
 
 # ---- limits ---------------------------------------------------------------------------------------------------------
+async def _until(what: str, condition, timeout_s: float = 30.0) -> None:
+    """Poll `condition()` every 10 ms until it holds (bounded)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
 async def _hold(c: httpx.AsyncClient, key: str | None, n: int, ing: Ingress) -> list[asyncio.Task]:
     """Start `n` slow requests of `key` and wait until the gate counts them all in flight."""
     before = ing.admission.in_flight
     headers = bearer(key) if key else {}
     tasks = [asyncio.create_task(c.post("/v1/completions", json={**BODY, "max_tokens": 20}, headers=headers))
              for _ in range(n)]
-    for _ in range(500):
-        if ing.admission.in_flight == before + n:
-            return tasks
-        await asyncio.sleep(0.01)
-    raise AssertionError("requests did not start")
+    await _until("the requests to start", lambda: ing.admission.in_flight == before + n)
+    return tasks
 
 
 async def test_concurrent_requests_per_key_are_limited(tiny_model_dir):
@@ -184,10 +191,7 @@ async def test_streams_hold_their_slot_until_the_last_event(tiny_model_dir):
     ing = make(tiny_model_dir, SlowWorker(delay=0.02), keys=(), max_in_flight=1)
     async with client(ing) as c:
         first = asyncio.create_task(c.post("/v1/completions", json={**BODY, "max_tokens": 10, "stream": True}))
-        for _ in range(300):
-            if ing.admission.in_flight:
-                break
-            await asyncio.sleep(0.01)
+        await _until("the stream to start", lambda: ing.admission.in_flight == 1)
         assert (await c.post("/v1/completions", json=BODY)).status_code == 429
         assert (await first).text.endswith("data: [DONE]\n\n")
     assert ing.admission.in_flight == 0

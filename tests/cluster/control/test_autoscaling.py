@@ -75,6 +75,8 @@ def _phase(ctl_changes: dict | None = None) -> tuple[list[dict], dict]:
         _call("expert-controller", "configure", ctl_changes)
     decisions = []
     for _ in range(2):
+        # time under test: the controller measures tokens/s over real time; each tick must see a full rate window
+        # (window_s) of the current load, so that its older samples leave the window
         time.sleep(WINDOW_S + 0.5)
         decisions += _call("expert-controller", "tick")
     return decisions, _call("expert-controller", "state")

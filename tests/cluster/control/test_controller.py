@@ -108,7 +108,7 @@ class _Backend:
         self.log, self.live = log, set()
 
     async def start(self, name, assignment, version):
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)  # time under test: a start takes a while (an install not waiting for it comes first)
         self.log.append(("started", name, version))
         self.live.add(name)
         return f"{name}:1"
@@ -128,12 +128,14 @@ class _Worker:
     def __init__(self, name, log, loads):
         self.name, self.log, self.loads = name, log, loads
         self.version, self.in_use, self.replicas = 0, [], {}
+        self.reported: list[dict] = []  # every expert_map_state answer, in order
 
     async def expert_loads(self):
         return dict(self.loads)
 
     async def expert_map_state(self):
-        return {"version": self.version, "in_use": list(self.in_use), "shards": list(self.replicas)}
+        self.reported.append({"version": self.version, "in_use": list(self.in_use), "shards": list(self.replicas)})
+        return dict(self.reported[-1])
 
     async def install_expert_map(self, version, replicas, addresses):
         if version > self.version:
@@ -173,8 +175,15 @@ def test_controller_starts_replicas_before_the_map_names_them_and_stops_them_onl
         workers["w0"].in_use = [1]
         clock[0] += 200.0  # no new tokens for 200 s
         shrink = asyncio.create_task(ctl.tick())
-        await asyncio.sleep(0.3)
-        assert not any(e[0] == "stopped" for e in log) and workers["w0"].version == 2
+
+        def drain_polls() -> int:  # w0 reported map 2 installed, a step under map 1 still under way
+            return sum(1 for r in workers["w0"].reported if r["version"] == 2 and r["in_use"] == [1])
+        # the second such poll comes after the controller decided on the first (or a stop came without waiting)
+        for _ in range(1000):
+            if drain_polls() >= 2 or any(e[0] == "stopped" for e in log) or shrink.done():
+                break
+            await asyncio.sleep(0.01)
+        assert not any(e[0] == "stopped" for e in log) and workers["w0"].version == 2 and drain_polls() >= 2
         workers["w0"].in_use = []
         shrunk = await shrink
         assert [(d.action, d.holders_to) for d in shrunk] == [("remove", 1)]

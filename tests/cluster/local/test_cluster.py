@@ -56,8 +56,8 @@ node = alive()[node_id]
 up_s = time.time() - t0
 ray.kill(probe)
 t1 = time.time()
-while node_id in alive() and time.time() - t1 < 150:
-    time.sleep(1)
+while node_id in alive() and time.time() - t1 < 150:  # a condition wait, bounded
+    time.sleep(0.5)
 print("RESULT", json.dumps({"before": list(before), "node_id": node_id, "resources": node["Resources"],
                   "labels": node["Labels"], "up_s": up_s, "removed": node_id not in alive(),
                   "down_s": time.time() - t1}))
@@ -86,6 +86,17 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def _stop_session(sid: int, grace_s: float = 3.0) -> None:
+    """SIGTERM every live process of session `sid`, wait (bounded) until they are gone, SIGKILL what is left."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in _session_pids(sid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace_s
+        while any(_alive(pid) for pid in _session_pids(sid)) and time.monotonic() < deadline:
+            time.sleep(0.1)
 
 
 def _cluster_processes(path: Path, sessions: set[int]) -> list[str]:
@@ -197,11 +208,7 @@ def bystander(tmp_path):
         assert len(core) == 2, core
         yield core
     finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in _session_pids(start.pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-            time.sleep(3)
+        _stop_session(start.pid)
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -227,7 +234,7 @@ def test_ray_up_autoscales_and_ray_down_stops_only_this_cluster(config, bystande
 
     deadline = time.time() + 60       # ... and the provider terminated it: no worker entry, no worker process
     while any(n["tags"][KIND_TAG] == "worker" for n in cluster.nodes().values()) and time.time() < deadline:
-        time.sleep(1)
+        time.sleep(0.2)
     assert [n["tags"][KIND_TAG] for n in cluster.nodes().values()] == ["head"]
     sessions |= {s for node in cluster.nodes().values() for s in node["sessions"]}
 
@@ -310,7 +317,9 @@ def test_moemesh_on_ray_up_grows_replicas_onto_a_new_node_and_gives_both_back(co
         assert workers(), "the replica actor runs, but no worker node was launched for it"
         hot_experts = [labels for labels, v in _scrape(controller)["moemesh:expert_replicas"] if v > 1]
         assert hot_experts and gauge("moemesh:autoscaler_decisions_total") >= 1
-        time.sleep(5)  # some requests with the replicas in the map
+        done = len(load.results)  # the gauge is exported after the map naming the replicas was installed
+        wait_until("some requests with the replicas in the map",
+                   lambda: len(load.results) >= done + 2 * load.concurrency, timeout_s=120)
     finally:
         load.stop()
     failed = [r for r in load.results if r[1] != 200]
@@ -319,7 +328,7 @@ def test_moemesh_on_ray_up_grows_replicas_onto_a_new_node_and_gives_both_back(co
     assert not wrong, wrong[:3]
 
     wait_until("replicas gone after the load", lambda: gauge("moemesh:replica_actors") == 0, timeout_s=120)
-    wait_until("the idle worker node removed", lambda: not workers(), timeout_s=180, every_s=2)
+    wait_until("the idle worker node removed", lambda: not workers(), timeout_s=180, every_s=0.5)
     sessions |= {s for node in cluster.nodes().values() for s in node["sessions"]}
     _ray(["down", "-y", str(path)], tmp_path / "down.log", os.environ, timeout=180)
     assert not _cluster_processes(cluster.path, sessions), _cluster_processes(cluster.path, sessions)

@@ -228,7 +228,7 @@ def test_engram_shards_follow_dram():
         plan(topo, shape, loads, slots_per_device=12, memory=MemoryBudget(engram_dram_fraction=0.01))
 
 
-# ---- shapes, load files, CLI -------------------------------------------------------------------------------------------
+# ---- shapes, load files, CLI -----------------------------------------------------------------------------------------
 def test_model_shapes(tiny_model_dir):
     pro = PRESETS["v4-pro"]
     assert pro.expert_bytes == 3 * 7168 * 3072 * (0.5 + 1 / 32) and pro.experts == 384 and pro.layers == 61

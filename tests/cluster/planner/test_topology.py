@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import yaml
 
-from moemesh.cluster.planner.topology import (PRESET_DIR, TopologyError, load_topology, load_topology_spec, parse_quantity,
-                                      topology_from_ray_nodes, validate_spec)
+from moemesh.cluster.planner.topology import (PRESET_DIR, TopologyError, load_topology, load_topology_spec,
+                                              parse_quantity, topology_from_ray_nodes, validate_spec)
 
 PRESETS = {  # name: (devices, hosts, domains per tier)
     "atlas950-superpod": (8192, 1024, [1024, 128, 1, 1]),

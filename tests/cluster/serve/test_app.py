@@ -66,24 +66,38 @@ def test_openai_client_unchanged(served):
 
 
 def test_continuous_batching_short_request_overtakes_long_one(served):
-    url, _, _ = served
+    from ray import serve
 
-    async def timed(client, max_tokens, delay):
-        await asyncio.sleep(delay)
+    url, config, _ = served
+    workers = [serve.get_deployment_handle(f"attention-worker-{k}", app_name="moemesh")
+               for k in range(config.attention.replicas)]
+
+    async def timed(client, max_tokens):
         r = await client.post(f"{url}/completions", json={"model": "tiny", "prompt": [5, 6, 7],
                                                            "max_tokens": max_tokens, "temperature": 0,
                                                            "ignore_eos": True})
         assert r.status_code == 200
         return time.monotonic()
 
+    async def every_rank_running_a_sequence(timeout_s: float = 120.0):
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if all([(await w.stats.remote())["engine"]["num_running"] for w in workers]):
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"timed out after {timeout_s:g} s waiting for a long request running on every rank")
+
     async def all_three():
         # one long request per rank, then a short one: it lands on a busy rank and must join its running batch
         # (not wait for the long request there to finish)
         async with httpx.AsyncClient(timeout=300) as client:
-            return await asyncio.gather(timed(client, 150, 0.0), timed(client, 150, 0.0), timed(client, 3, 1.5))
+            longs = [asyncio.create_task(timed(client, 150)) for _ in workers]
+            await every_rank_running_a_sequence()
+            short = await timed(client, 3)
+            return await asyncio.gather(*longs), short
 
-    long_a, long_b, short = asyncio.run(all_three())
-    assert short < min(long_a, long_b)
+    longs, short = asyncio.run(all_three())
+    assert short < min(longs)
 
 
 def test_every_actor_ran_where_the_config_placed_it(served):
@@ -139,8 +153,8 @@ def test_a_client_leaving_mid_stream_frees_its_kv_blocks(served):
                 assert any(n > 0 and blocks > 0 for n, blocks in busy())  # generating, holding blocks
                 break  # the client goes away mid-stream
     deadline = time.monotonic() + 60
-    while busy() != [(0, 0)] * len(workers) and time.monotonic() < deadline:
-        time.sleep(0.5)
+    while busy() != [(0, 0)] * len(workers) and time.monotonic() < deadline:  # a condition wait, bounded
+        time.sleep(0.2)
     assert busy() == [(0, 0)] * len(workers)
 
 

@@ -14,7 +14,8 @@ import asyncio
 
 import httpx
 import pytest
-from moemesh.actors.ingress.generation import ElasticWorker, GenerationParams
+from moemesh.actors.ingress.generation import ElasticWorker
+from moemesh.actors.request import RequestParams
 from moemesh.cluster.config import ConfigFileError, DeploymentConfig
 
 # ---- the config block ------------------------------------------------------------------------------------------------
@@ -62,6 +63,15 @@ def test_the_builder_gives_serve_the_policy_and_the_bounds(tiny_model_dir):
 
 
 # ---- the ingress's PoolWorker over a fake handle ---------------------------------------------------------------------
+async def _until(what: str, condition, timeout_s: float = 10.0) -> None:
+    """Let the loop run until `condition()` holds (bounded): other tasks reach the point a test needs."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+        await asyncio.sleep(0.001)
+
+
 class FakeStream:
     def __init__(self, deltas):
         self.deltas, self.cancelled = list(deltas), False
@@ -72,7 +82,7 @@ class FakeStream:
     async def __anext__(self):
         if not self.deltas:
             raise StopAsyncIteration
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # a yield only: each delta arrives on a later turn of the loop, as from a real stream
         return self.deltas.pop(0)
 
     def cancel(self):
@@ -118,9 +128,9 @@ def test_pool_worker_counts_its_sequences_and_never_sends_an_abort():
             return 2
         worker = PoolWorker(handle, spill_at=4, count=count)
         assert isinstance(worker, ElasticWorker) and worker.replicas() == 0  # first ask starts a read
-        await asyncio.sleep(0.01)
-        assert worker.replicas() == 2 and len(counts) == 1  # re-read at most every refresh_s
-        params = GenerationParams(max_tokens=5)
+        await _until("the first read", lambda: worker.replicas() == 2)
+        assert len(counts) == 1  # re-read at most every refresh_s
+        params = RequestParams(max_tokens=5)
         streams = [worker.generate(f"r{i}", [1], params) for i in range(3)]
         for s in streams:
             await anext(s)
@@ -143,18 +153,22 @@ def test_pool_worker_wakes_an_empty_pool_with_one_waiting_call():
         replicas = [0]
 
         async def count():
+            reads.append(replicas[0])
             return replicas[0]
+        reads: list[int] = []
         worker = PoolWorker(handle, spill_at=4, count=count, refresh_s=3600)
         worker.replicas()
-        await asyncio.sleep(0.01)
-        for _ in range(3):
+        await _until("the first read", lambda: reads == [0])
+        worker.wake()
+        await _until("the wake's call at the handle", lambda: handle.calls)
+        for _ in range(2):  # while that call waits, more wakes send nothing
             worker.wake()
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0)
         assert handle.calls == ["load"]  # one call waits at the handle; Serve starts a replica for it
         replicas[0] = 1
         handle.started.set()
-        await asyncio.sleep(0.01)
-        assert worker.replicas() == 1  # once answered, the count is read again at once
+        await _until("the read after the answer", lambda: len(reads) == 2)
+        assert worker.replicas() == 1 and handle.calls == ["load"]  # once answered, the count is read again at once
     asyncio.run(run())
 
 
@@ -206,18 +220,21 @@ def test_a_pool_replica_pulls_the_map_and_releases_old_shards_after_the_drain(mo
     async def run():
         replica, controller = Replica(), Controller()
         task = asyncio.ensure_future(replica._follow_expert_map(controller))
-        await asyncio.sleep(0.05)
+        await _until("map 1 installed", lambda: replica.installed)
         assert replica.installed == [(1, ["replica-1"], {"replica-1": "h:1"})]
         assert controller.reports[0] == ("attention-pool#abc", {"version": 0, "in_use": [], "shards": []},
                                          {"0/3": 7})
         replica.state["in_use"] = [1]  # a dispatch runs under map 1 ...
         controller.map = {"version": 2, "replicas": {}, "addresses": {}}  # ... when replica-1 leaves the map
-        await asyncio.sleep(0.05)
-        assert replica.installed[-1][0] == 2
+        await _until("map 2 installed", lambda: replica.installed[-1][0] == 2)
+
+        def syncs_on_2_in_use_1() -> int:
+            return sum(1 for _, state, _ in controller.reports if state["version"] == 2 and state["in_use"] == [1])
+        # the second report after the install comes after the replica decided on the first one's answer
+        await _until("a sync on map 2 with map 1 in use", lambda: syncs_on_2_in_use_1() >= 2)
         assert not any(replica.released)  # the channel stays until that dispatch is done
         replica.state["in_use"] = []
-        await asyncio.sleep(0.05)
-        assert ["replica-1"] in replica.released
+        await _until("replica-1 released", lambda: ["replica-1"] in replica.released)
         task.cancel()
     asyncio.run(run())
 
@@ -264,14 +281,15 @@ async def _cancel_on_the_pool() -> tuple[int, float, float]:
     async def one() -> int:
         return 1
     worker = PoolWorker(_handle("attention-pool"), spill_at=2, count=one)
-    stream = worker.generate("cancel-me", [5, 6, 7], GenerationParams(max_tokens=3000, temperature=0,
+    stream = worker.generate("cancel-me", [5, 6, 7], RequestParams(max_tokens=3000, temperature=0,
                                                                         ignore_eos=True))
     seen = len((await anext(stream)).token_ids) + len((await anext(stream)).token_ids)
     await stream.aclose()
     await worker.abort("cancel-me")
-    for _ in range(50):  # the replica's engine drops it between steps
+    deadline = asyncio.get_running_loop().time() + 60
+    while True:  # a condition wait: the replica's engine drops it between steps
         left = await _handle("attention-pool").load.remote()
-        if left == 0:
+        if left == 0 or asyncio.get_running_loop().time() > deadline:
             break
         await asyncio.sleep(0.1)
     return seen, await worker.load(), left

@@ -26,7 +26,7 @@ from moemesh.cluster.serve.stopping import KILL_GRACE_S, RAY_SHUTDOWN_S
 
 START_TIMEOUT_S = 300.0
 DRAIN_S = 5.0
-# The bound a stop must meet: the drain, Ray's shutdown and the kill grace (cluster/serve/stopping.py), plus start-up slack
+# The bound a stop must meet: the drain, Ray's shutdown and the kill grace (cluster/serve/stopping.py), plus slack
 # of Python on a loaded 2-core machine. A hang (the bug this guards against) never ends.
 STOP_BOUND_S = DRAIN_S + RAY_SHUTDOWN_S + KILL_GRACE_S + 15.0
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
