@@ -76,8 +76,8 @@ def _generate(args: argparse.Namespace) -> int:
 def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="deployment config YAML (default: the built-in tiny model, one of each "
                                              "role, on http://127.0.0.1:8000)")
-    p.add_argument("--address", default=None, help="join this Ray cluster (e.g. auto, or HOST:PORT) instead of "
-                                                   "starting a local one")
+    p.add_argument("--address", default=None, help="join this Ray cluster (e.g. auto, or HOST:PORT; default: "
+                                                   "$RAY_ADDRESS if set) instead of starting a new local one")
     p.add_argument("--host", default=None, help="override ingress.host")
     p.add_argument("--port", type=int, default=None, help="override ingress.port")
     p.add_argument("--detach", action="store_true", help="return once deployed (the app keeps running in Ray)")

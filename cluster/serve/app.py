@@ -149,23 +149,27 @@ def required_cpus(config: DeploymentConfig) -> float:
 
 
 def deploy(config: DeploymentConfig, address: str | None = None, wait_for_resources: bool = False) -> str:
-    """Connect to (or start) Ray, check the cluster has the GPUs/NPUs the config asks for (unless
+    """Connect to Ray at `address` (else at $RAY_ADDRESS; else start a new local Ray, never joining another one that
+    runs on this machine), check the cluster has the GPUs/NPUs the config asks for (unless
     `wait_for_resources`: an autoscaling cluster adds them), start Serve's HTTP proxy and deploy; returns the API's
     base URL."""
     import ray
 
     from moemesh.cluster.preflight import check_accelerators, requested_accelerators
 
+    address = address or os.environ.get("RAY_ADDRESS") or None
     if not ray.is_initialized():
         if address:
             ray.init(address=address, namespace=RAY_NAMESPACE)
-        else:  # a laptop: a local Ray sized (logically) for every role
+        else:  # a laptop: a new local Ray sized (logically) for every role
             wanted = requested_accelerators(config)
             if not wait_for_resources and any(wanted.values()):  # before starting a local Ray for nothing
                 from moemesh.kernels.device import local_accelerators
 
                 check_accelerators(config, local_accelerators())
-            ray.init(num_cpus=max(os.cpu_count() or 1, int(required_cpus(config)) + 1), namespace=RAY_NAMESPACE)
+            # "local": never attach to another Ray that happens to run on this machine (ray.init() alone would)
+            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(required_cpus(config)) + 1),
+                     namespace=RAY_NAMESPACE)
     if not wait_for_resources:
         check_accelerators(config, ray.cluster_resources())
     serve.start(http_options={"host": config.ingress.host, "port": config.ingress.port})

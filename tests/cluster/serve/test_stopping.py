@@ -212,7 +212,11 @@ class _Child:
 
 
 @pytest.fixture
-def server(tmp_path, tiny_model_dir):
+def server(tmp_path, tiny_model_dir, ray_cluster):
+    """Starts servers; the session's cluster (`ray_cluster`) runs beside them as a bystander Ray on this machine: a
+    server without --address must start its own Ray and never join it, and no stop may touch it."""
+    import ray
+
     started: list[Server] = []
 
     def start(*extra: str, **kw) -> Server:
@@ -224,6 +228,7 @@ def server(tmp_path, tiny_model_dir):
     yield start
     for s in started:
         s.kill()
+    assert all(node["Alive"] for node in ray.nodes()), "a stop touched the bystander cluster"
 
 
 def test_sigterm_to_the_whole_process_group_stops_everything(server):
