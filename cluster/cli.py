@@ -103,7 +103,8 @@ def _serve(args: argparse.Namespace) -> int:
         config = config.model_copy(update={"ingress": config.ingress.model_copy(update=overrides)})
     if args.drain_timeout < 0:
         raise ValueError(f"--drain-timeout must be >= 0, got {args.drain_timeout}")
-    from moemesh.cluster.serve.app import APP_NAME, deploy
+    from moemesh.cluster.names import APP_NAME
+    from moemesh.cluster.serve.app import deploy
 
     if args.detach:
         url = deploy(config, args.address, wait_for_resources=args.wait_for_resources)

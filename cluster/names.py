@@ -1,7 +1,7 @@
 """Names defined once: the Serve application, its deployments, the controller's replica actors, and Ray namespaces.
 
 Every module that builds, addresses, pins or reports a role by name takes the name from here (the builders in
-cluster/serve/, the planner's pins in cluster/planner/apply.py, the controller's worker ports, metrics labels).
+cluster/serve/, the planner's pins in cluster/serve/pinning.py, the controller's worker ports, metrics labels).
 """
 
 APP_NAME = "moemesh"  # the Serve application `moemesh serve` deploys (and removes when it stops)

@@ -183,7 +183,7 @@ class CollectiveTransport(ExpertTransport):
 
 # ---- expert shard side -----------------------------------------------------------------------------------------------
 class CollectiveShardServer:
-    """Serves `target` (an `actors.expert_shard.ExpertShard`) to the attention workers `peers` (ranks) of `group`.
+    """Serves `target` (an `actors.experts.shard.ExpertShard`) to the attention workers `peers` (ranks) of `group`.
 
     `serve()` runs in the shard's event loop (the one that owns the ExpertShard): one reader thread per peer takes
     requests, the loop dispatches them concurrently (so they batch like gRPC ones), and replies go back in completion

@@ -109,13 +109,25 @@ def _third_party(path: Path) -> set[str]:
 
 
 def test_ray_only_in_cluster_and_the_planner_pure():
+    """Ray only in cluster/; the planner reaches neither Ray nor gRPC, not even through the modules it imports."""
+    modules = _modules()
     offenders = []
-    for module, path in _modules().items():
-        used = _third_party(path)
-        if _room(module) != "cluster" and "ray" in used:
+    for module, path in modules.items():
+        if _room(module) != "cluster" and "ray" in _third_party(path):
             offenders.append(f"{path.relative_to(ROOT)} imports ray (Ray belongs in cluster/)")
-        if module.startswith("moemesh.cluster.planner") and used & {"ray", "grpc"}:
-            offenders.append(f"{path.relative_to(ROOT)} imports {sorted(used & {'ray', 'grpc'})} (the planner is pure)")
+    for module in modules:
+        if not module.startswith("moemesh.cluster.planner"):
+            continue
+        seen, todo = {module}, [module]
+        while todo:
+            current = todo.pop()
+            bad = _third_party(modules[current]) & {"ray", "grpc"}
+            if bad:
+                offenders.append(f"{module} reaches {sorted(bad)} through {current} (the planner is pure)")
+            for nxt in _imports(modules[current], current, top_level_only=False):
+                if nxt in modules and nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
     assert offenders == [], "\n".join(offenders)
 
 

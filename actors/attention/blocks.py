@@ -1,6 +1,6 @@
 """Bookkeeping of the paged KV cache, without tensors: what one sequence of a DeepSeek-V4 model needs
 (`CacheLayout`) and who holds which block and state slot (`BlockManager`). The scheduler plans with these alone;
-`kv_cache.PagedKVCache` puts tensors behind them.
+`paged_cache.PagedKVCache` puts tensors behind them.
 
 A sequence's state per layer (see `kernels/decode_state.py`) is of two kinds:
 - growing: the compressed entries of CSA/HCA layers (`n // rate` rows of head_dim) and of CSA's indexer (`n // rate`

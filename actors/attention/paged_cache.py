@@ -1,7 +1,7 @@
 """The attention worker's paged KV cache: every sequence's DeepSeek-V4 state in pool tensors allocated once.
 
 `PagedKVCache` holds two pools, blocks [B, E] for the growing compressed entries and state slots [S, E] for the
-fixed-size state (window, compressor buffers, overlaps), as laid out by `block_manager.CacheLayout`, and builds the
+fixed-size state (window, compressor buffers, overlaps), as laid out by `blocks.CacheLayout`, and builds the
 model's own `SequenceCache` types over them: `PagedRows` (GrowableRows' interface; rows gathered through the block
 table) for entries, slot views for the rest. `DeepseekV4.step` runs on them unchanged.
 Shapes: B = blocks, R = rows per block of a store, W = a store's row width, S = state slots, E = elements.

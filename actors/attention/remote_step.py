@@ -11,41 +11,26 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
 import torch
 
 from moemesh.actors.attention.token_dispatch import Dispatcher
+from moemesh.actors.io_loop import IoLoop
 from moemesh.kernels.decode_state import SequenceCache
 from moemesh.kernels.model import DeepseekV4
 
-EngramLookup = Callable[[dict[int, torch.Tensor]], Awaitable[dict[int, torch.Tensor]]]
-
-
-class IoLoop:
-    """An asyncio loop on its own daemon thread, for a worker's network clients."""
-
-    def __init__(self, name: str = "moemesh-io"):
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
-        self._thread.start()
-
-    def run(self, coro, timeout: float | None = None):
-        """Run `coro` on the loop from another thread and wait for its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=5)
+# {layer: hash ids [N, O*H]} -> {layer: rows [N, engram_dim]} (the Engram client's `lookup`; not the wire type
+# `proto.codec.EngramLookup`)
+EngramFetch = Callable[[dict[int, torch.Tensor]], Awaitable[dict[int, torch.Tensor]]]
 
 
 class RemoteStep:
     """`step(token_ids, caches) -> hidden [N, D]` with MoE routed experts behind `dispatcher` and Engram rows from
     `engram_lookup` ({layer: hash ids [N, O*H]} -> {layer: rows [N, engram_dim]})."""
 
-    def __init__(self, model: DeepseekV4, dispatcher: Dispatcher, engram_lookup: EngramLookup | None,
+    def __init__(self, model: DeepseekV4, dispatcher: Dispatcher, engram_lookup: EngramFetch | None,
                  io: IoLoop, timeout_s: float = 120.0, engram_latency=None):
         if model.config.has_engram and engram_lookup is None:
             raise ValueError("engram_lookup: the model has Engram layers; give the worker an Engram client")

@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 
 from moemesh.actors.attention.engine import AsyncEngine, CacheConfig, Engine
-from moemesh.actors.attention.remote_step import IoLoop, RemoteStep
+from moemesh.actors.attention.remote_step import RemoteStep
 from moemesh.actors.attention.scheduler import SchedulerConfig
 from moemesh.actors.attention.shard_avoidance import RecoveryConfig
 from moemesh.actors.attention.token_dispatch import Dispatcher, ExpertMap
-from moemesh.actors.engram.client import EngramClient, EngramClientConfig, EngramRoute, GrpcEngramTransport
+from moemesh.actors.engram.client import EngramClient, EngramClientConfig, EngramRoute, GrpcEngramTransport, replica_id
+from moemesh.actors.io_loop import IoLoop
 from moemesh.actors.request import Delta, RequestParams
 from moemesh.actors.role_metrics import WorkerCollector, engram_latency_histogram, role_registry, serve_registry
 from moemesh.kernels.device import resolve_device
@@ -61,7 +62,7 @@ class AttentionWorker:
         if cfg.has_engram:
             routes, addresses = [], {}
             for s, (ranges, replicas) in enumerate(engram_routes):
-                names = [f"engram-{s}-{r}" for r in range(len(replicas))]
+                names = [replica_id(s, r) for r in range(len(replicas))]
                 addresses.update(zip(names, replicas))
                 routes.append(EngramRoute({int(k): tuple(v) for k, v in ranges.items()}, names))
             self.engram = EngramClient(cfg, routes, GrpcEngramTransport(addresses, security=security,

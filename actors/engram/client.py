@@ -42,7 +42,13 @@ from moemesh.proto.transport import DEFAULT_MAX_MESSAGE_BYTES, ChannelPool, Reso
 ReplicaId = Hashable  # a shard replica as the plan names it (an int index or a name)
 
 
+def replica_id(shard: int, replica: int) -> str:
+    """The client's name for replica `replica` of Engram shard `shard` (what its resolver is asked about)."""
+    return f"engram-{shard}-{replica}"
+
+
 # ---- transports -----------------------------------------------------------------------------------------------------
+
 class EngramTransport(ABC):
     """Asks one Engram shard replica for global rows of several layers."""
 
@@ -62,7 +68,7 @@ class EngramTransport(ABC):
 
 
 class LookupTarget(Protocol):
-    """What the in-process transport calls: `actors.engram_service.EngramShard` satisfies it."""
+    """What the in-process transport calls: `actors.engram.service.EngramShard` satisfies it."""
 
     def lookup_many(self, row_ids: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]: ...
 

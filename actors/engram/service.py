@@ -6,7 +6,7 @@ Every Engram layer's (order, head) tables are stacked into one table `layers.{l}
 no gRPC): built from a checkpoint it reads only its own rows (safetensors `get_slice`, FP8 tables dequantized from
 the enclosing 128-row blocks), and with `mmap_dir` it writes its rows once to a file there and serves them from a
 read-only memory map, so the table lives in the page cache, not the Python heap, and a restarted shard re-maps the
-file (after checking its header) without touching the checkpoint. `serve_engram_shard` puts it behind `grpc.aio`.
+file (after checking its header) without touching the checkpoint. `server.serve_engram_shard` puts it behind `grpc.aio`.
 
 Shapes: R = rows of a layer's stacked table, W = head_dim (row width), m = rows asked.
 See docs/engram_service.md.

@@ -4,7 +4,7 @@
 layer's experts, validates incoming `TokenBatch`es, and batches: requests for the same layer arriving within
 `max_wait_s` (or until `max_tokens` tokens are queued) run as ONE grouped expert computation, whose result is split
 back per request. Each reply is, per token, the weighted sum over the token's experts held here, so the caller
-combines shards with one add per destination. `serve_expert_shard` puts it behind a `grpc.aio` server.
+combines shards with one add per destination. `server.serve_expert_shard` puts it behind `grpc.aio`.
 
 Shapes: n = tokens, k = expert slots per token, D = hidden, E = routed experts per layer.
 """

@@ -6,7 +6,7 @@ least loaded attention worker and streams the answer back (server-sent events) o
 `Delta` of actors/request.py). The cluster builder
 turns it into a Serve deployment with `serve.deployment(serve.ingress()(Ingress))`; Serve then asks
 `__serve_build_asgi_app__` for the app. One request flows: the gate (`gate.py`: API key 401, admission 429) -> read
-the body (413 above the limit) -> parse and validate (`openai_protocol`, 400/404) -> tokenize, check the context ->
+the body (413 above the limit) -> parse and validate (`protocol.py`, 400/404) -> tokenize, check the context ->
 pick a worker (429 when all are full) -> `Generation` runs one worker stream per choice and turns deltas into text
 (detokenized, cut at stop strings) -> SSE chunks or one JSON answer.
 """

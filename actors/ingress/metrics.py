@@ -2,8 +2,8 @@
 
 Names follow vLLM's (`vllm:` -> `moemesh:`) where the meaning is the same. prometheus-client appends `_total` to
 counters, so the counter `moemesh:request_success` is exposed as `moemesh:request_success_total`. The other roles
-(attention workers, expert and Engram shards) have no HTTP app: `role_metrics.py` exposes their counters, each on a
-port of its own. docs/api.md lists them all.
+(attention workers, expert and Engram shards) have no HTTP app: `actors/role_metrics.py` exposes their counters, each on
+a port of its own. docs/api.md lists them all.
 
 A process builds its `Metrics` once (`process_metrics()`); tests build their own over a fresh `CollectorRegistry`.
 The ingress serves `exposition()` at `/metrics`.

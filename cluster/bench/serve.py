@@ -155,10 +155,11 @@ def bench_served(config, levels: list[int], per_client: int, prompt_len: int, ma
 def bench_engram_step(model_dir: str, batch: int = 8, prompt_len: int = 64, steps: int = 40) -> dict[str, float]:
     """Median decode-step time (batch sequences) of an attention worker's step: Engram rows from local tables (no
     service), from the Engram service over gRPC with the hot-row cache off, and with it on (warm)."""
-    from moemesh.actors.attention.remote_step import IoLoop, RemoteStep
+    from moemesh.actors.attention.remote_step import RemoteStep
     from moemesh.actors.attention.token_dispatch import Dispatcher, ExpertMap
     from moemesh.actors.engram.client import EngramClient, EngramClientConfig, EngramRoute, GrpcEngramTransport
     from moemesh.actors.engram.service import engram_layout
+    from moemesh.actors.io_loop import IoLoop
     from moemesh.cluster.serve.hosts import EngramShardHost, ExpertShardHost
     from moemesh.kernels.model import load_model
     from moemesh.proto.transport import GrpcTransport

@@ -17,7 +17,7 @@ under way with an older version, then close the channels to replicas no longer i
 actor that dies is dropped from the map (its tokens went to the other holders meanwhile: docs/reliability.md).
 
 `ExpertController` is plain asyncio over a `ReplicaBackend` (start/stop replica processes) and `WorkerPort`s (the
-attention workers' map RPCs); cluster/serve/app.py gives it Ray actors and Serve handles.
+attention workers' map RPCs); cluster/serve/controller.py gives it Ray actors and Serve handles.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ log = logging.getLogger("moemesh.controller")
 
 # ---- the controller --------------------------------------------------------------------------------------------------
 class ReplicaBackend(Protocol):
-    """Starts and stops replica processes (cluster/serve/app.py: Ray actors)."""
+    """Starts and stops replica processes (cluster/serve/controller.py: Ray actors)."""
 
     async def start(self, name: str, assignment: dict[int, list[int]], version: int) -> str: ...  # -> address
     async def stop(self, name: str) -> None: ...

@@ -1,6 +1,6 @@
 """One local Ray cluster's bookkeeping on disk: where its nodes live, which processes are theirs, how to stop them.
 
-Plain files and /proc, no Ray: `local_provider.py` (the node provider `ray up` uses) builds on it, and
+Plain files and /proc, no Ray: `provider.py` (the node provider `ray up` uses) builds on it, and
 `python -m moemesh.cluster.local.cluster` is its command line (see `main`).
 
 Layout of a cluster directory (default `/tmp/moemesh-<uid>/<cluster_name>`, or `provider.cluster_dir`):

@@ -9,8 +9,8 @@ Ray's cluster launcher drives it exactly as it drives a cloud: `ray up` asks the
 the YAML's setup and start commands on it through the provider's command runner; the autoscaler (Ray's own, running
 in the head's monitor process) asks for worker "machines" by node type and runs the worker commands on them; `ray
 down` runs `ray stop` on the head and terminates every node. Here a "machine" is an entry in the cluster directory's
-state file plus a directory (`local_cluster.py` has the layout), and the command runner runs commands in a local
-shell instead of over SSH:
+state file plus a directory (`cluster.py` beside this module has the layout), and the command runner runs commands in a
+local shell instead of over SSH:
 
 - Every command runs in a new session, recorded for its node, with MOEMESH_LOCAL_CLUSTER / MOEMESH_LOCAL_NODE set, in
   the node's home directory, with the node's variables: MOEMESH_NODE_DIR (use it as Ray's `--temp-dir`),
@@ -20,7 +20,7 @@ shell instead of over SSH:
   same and deletes its directory. Nothing is ever stopped by name, and no other Ray cluster on the machine is touched.
 - Resources and labels of the node type reach `ray start` as Ray's updater passes them (RAY_OVERRIDE_RESOURCES /
   RAY_OVERRIDE_LABELS). A node whose type names no `moemesh.io/node:<name>` resource gets `moemesh.io/node:<node
-  id>` (e.g. `moemesh.io/node:worker-3`), so every node carries exactly one pin resource for cluster/planner/apply.py.
+  id>` (e.g. `moemesh.io/node:worker-3`), so every node carries exactly one pin resource for cluster/serve/pinning.py.
 - File mounts and rsync are local copies: a remote path under `~` lands under the node's home (so the head's start
   command reads `$MOEMESH_NODE_HOME/ray_bootstrap_config.yaml`), an absolute remote path is copied to as is (and
   skipped when it is the source itself).
@@ -51,7 +51,7 @@ from ray.autoscaler.node_provider import NodeProvider
 from ray.autoscaler.tags import NODE_KIND_HEAD, TAG_RAY_NODE_KIND
 
 from moemesh.cluster.local.cluster import ENV_CLUSTER, ENV_NODE, LocalCluster, cluster_dir
-from moemesh.cluster.planner.apply import NODE_RESOURCE_PREFIX
+from moemesh.cluster.serve.pinning import NODE_RESOURCE_PREFIX
 
 RESOURCES_ENV = "RAY_OVERRIDE_RESOURCES"   # ray._private.ray_constants.RESOURCES_ENVIRONMENT_VARIABLE
 _DEFAULTS = {"cluster_synced_files": [], "file_mounts_sync_continuously": False, "rsync_exclude": [],

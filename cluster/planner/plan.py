@@ -7,11 +7,11 @@ L = layers, E = experts, S = replicas (slots) per layer, T = topology tiers.
     Step 2: EP domain and slots per device: every candidate (a node, an NVLink domain, a supernode slice, ...,
             everything) that fits the memory budget is placed on a few layers and scored by the cost model; the
             fastest wins.
-    Step 3: replicas of every layer for the winner (plan_place.place_replicas).
+    Step 3: replicas of every layer for the winner (place.place_replicas).
     Step 4: against a previous plan: keep it if the new one is not clearly faster, else move whole device
             contents within a node to keep replicas where they were; count the migration bytes.
-    Step 5: Engram shards -> hosts (plan_engram).
-    Step 6: predicted figures (plan_cost).
+    Step 5: Engram shards -> hosts (engram.py).
+    Step 6: predicted figures (cost.py).
 """
 
 from __future__ import annotations

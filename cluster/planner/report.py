@@ -3,7 +3,7 @@
     moemesh plan --topology deploy/topologies/hgx-h200.yaml --model v4-pro [--loads FILE] [--ranks N] [--png FILE]
 
 Without `--loads`, loads are synthetic: Zipf with `--zipf` (default 0.6), or co-activated expert clusters with
-`--clusters N` (plan_loads.clustered_loads), seed `--seed`. `--png FILE` also writes a picture
+`--clusters N` (loads.clustered_loads), seed `--seed`. `--png FILE` also writes a picture
 (cluster/planner/picture.py). Wire-up: `add_parser` (argparse subparsers) or `add_args` (a parser), then `run(args)`
 returns the exit status.
 """

@@ -1,4 +1,4 @@
-"""Builders: a `DeploymentConfig` -> a Ray Serve application (and `moemesh serve`'s run loop).
+"""Builders: a `DeploymentConfig` -> a Ray Serve application, and `deploy` (what `moemesh serve` calls).
 
 Every role is a Serve deployment of one replica, so each process is addressable and Serve restarts what dies:
 `expert-shard-{i}`, `engram-shard-{s}-{r}` (shard s, replica r), `attention-worker-{k}` (data-parallel rank k), and

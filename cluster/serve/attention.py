@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from ray import serve
 
 from moemesh.actors.attention.worker import AttentionWorker
+from moemesh.actors.engram.client import replica_id
 from moemesh.cluster.names import (
     ATTENTION_POOL,
 )
@@ -40,7 +41,7 @@ class AttentionWorkerReplica(RoleEdge, AttentionWorker):
         routes = [(ranges, [await h.grpc_address.remote() for h in replicas])
                   for ranges, replicas in zip(engram_ranges, engram_handles)]
         self._resolve_pool = ThreadPoolExecutor(2, thread_name_prefix="resolve")  # never blocks the I/O loop's pool
-        engram_by_name = {f"engram-{s}-{r}": h for s, replicas in enumerate(engram_handles)
+        engram_by_name = {replica_id(s, r): h for s, replicas in enumerate(engram_handles)
                           for r, h in enumerate(replicas)}
         AttentionWorker.__init__(self, model_dir, experts, expert_assignment, routes, security=security,
                                  expert_resolver=self._resolver(dict(enumerate(expert_handles))),

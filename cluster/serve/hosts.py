@@ -12,11 +12,11 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from moemesh.actors.attention.remote_step import IoLoop
-from moemesh.actors.engram.service import EngramShard
 from moemesh.actors.engram.server import serve_engram_shard
-from moemesh.actors.experts.shard import BatchingConfig, ExpertShard
+from moemesh.actors.engram.service import EngramShard
 from moemesh.actors.experts.server import serve_expert_shard
+from moemesh.actors.experts.shard import BatchingConfig, ExpertShard
+from moemesh.actors.io_loop import IoLoop
 from moemesh.actors.role_metrics import EngramShardCollector, ExpertShardCollector, role_registry, serve_registry
 from moemesh.kernels.checkpoint import Checkpoint
 from moemesh.kernels.device import resolve_device

@@ -14,9 +14,9 @@ from ray.serve.schema import ReplicaState
 
 from moemesh.actors.ingress.app import Ingress
 from moemesh.actors.ingress.generation import WorkerLost
-from moemesh.actors.request import Delta
 from moemesh.actors.ingress.protocol import IngressLimits
 from moemesh.actors.ingress.text import TextCodec
+from moemesh.actors.request import Delta
 from moemesh.cluster.names import (
     ATTENTION_POOL,
     attention_worker,

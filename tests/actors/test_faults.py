@@ -9,16 +9,16 @@ import pytest
 import torch
 
 import moemesh
+from moemesh.actors.attention.shard_avoidance import RecoveryConfig
 from moemesh.actors.attention.token_dispatch import Dispatcher, ExpertMap
 from moemesh.actors.engram.client import EngramClient, EngramClientConfig, EngramRoute, GrpcEngramTransport
-from moemesh.actors.engram.service import EngramShard
 from moemesh.actors.engram.server import serve_engram_shard
-from moemesh.actors.experts.shard import ExpertShard
+from moemesh.actors.engram.service import EngramShard
 from moemesh.actors.experts.server import serve_expert_shard
+from moemesh.actors.experts.shard import ExpertShard
 from moemesh.actors.ingress.generation import Choice, Generation, LeastLoadedRouter, WorkerLost
-from moemesh.actors.request import Delta, RequestParams
-from moemesh.actors.attention.shard_avoidance import RecoveryConfig
 from moemesh.actors.ingress.text import StopCutter, TextCodec
+from moemesh.actors.request import Delta, RequestParams
 from moemesh.kernels.checkpoint import Checkpoint
 from moemesh.proto.transport import GrpcTransport
 

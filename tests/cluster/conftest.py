@@ -3,7 +3,7 @@
 `ray.cluster_utils.Cluster` starts three Ray nodes on this machine standing in for three hosts; custom resources mark
 them (`head_node`, `expert_node`, `engram_node`) and the deployment config pins roles to them. Each node also carries
 its pin resource `moemesh.io/node:<marker>` and the worker nodes logical NPUs (expert_node 2, engram_node 1) that
-nothing asks for: the devices a plan is made for (tests/cluster/planner/test_apply.py). Never `ray stop`:
+nothing asks for: the devices a plan is made for (tests/cluster/serve/test_pinning.py). Never `ray stop`:
 everything started here is stopped with `serve.shutdown()` / `Cluster.shutdown()`.
 """
 
@@ -34,7 +34,7 @@ def ray_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
-    def pin(name: str) -> dict:  # each node's own resource, what cluster/planner/apply.py pins processes with
+    def pin(name: str) -> dict:  # each node's own resource, what cluster/serve/pinning.py pins processes with
         return {f"moemesh.io/node:{name}": 1}
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 6,

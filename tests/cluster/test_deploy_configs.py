@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from moemesh.cluster.config import ConfigFileError, DeploymentConfig
-from moemesh.cluster.planner.apply import NODE_RESOURCE_PREFIX
+from moemesh.cluster.serve.pinning import NODE_RESOURCE_PREFIX
 from moemesh.cluster.serve_entry import app_builder
 from moemesh.cluster.planner.topology import LABEL_PREFIX
 

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 import moemesh
+from moemesh.actors.attention.remote_step import RemoteStep
 from moemesh.actors.attention.token_dispatch import Dispatcher, ExpertMap
-from moemesh.actors.experts.shard import ExpertShard
 from moemesh.actors.experts.server import serve_expert_shard
-from moemesh.actors.attention.remote_step import IoLoop, RemoteStep
+from moemesh.actors.experts.shard import ExpertShard
+from moemesh.actors.io_loop import IoLoop
 from moemesh.kernels.checkpoint import Checkpoint
 from moemesh.kernels.model import DeepseekV4
 from moemesh.proto.transport import GrpcTransport, InProcessTransport

@@ -11,8 +11,8 @@ import torch
 import moemesh
 from moemesh.actors.attention.worker import AttentionWorker
 from moemesh.actors.engram.service import engram_layout
-from moemesh.cluster.serve.hosts import EngramShardHost, ExpertShardHost
 from moemesh.cluster.config import ExpertsConfig
+from moemesh.cluster.serve.hosts import EngramShardHost, ExpertShardHost
 
 
 @pytest.fixture(scope="module")

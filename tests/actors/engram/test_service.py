@@ -17,11 +17,17 @@ import torch
 
 import moemesh
 from moemesh.actors.engram import service as engram_service
-from moemesh.kernels import checkpoint as checkpoint_module
-from moemesh.actors.engram.client import (EngramClient, EngramClientConfig, EngramRoute, GrpcEngramTransport,
-                                          InProcessEngramTransport, RowCache)
-from moemesh.actors.engram.service import EngramShard, engram_layout, shard_ranges, table_name
+from moemesh.actors.engram.client import (
+    EngramClient,
+    EngramClientConfig,
+    EngramRoute,
+    GrpcEngramTransport,
+    InProcessEngramTransport,
+    RowCache,
+)
 from moemesh.actors.engram.server import serve_engram_shard
+from moemesh.actors.engram.service import EngramShard, engram_layout, shard_ranges, table_name
+from moemesh.kernels import checkpoint as checkpoint_module
 from moemesh.kernels.checkpoint import Checkpoint, save_checkpoint
 from moemesh.proto import codec, engram_pb2, engram_pb2_grpc, errors, health_pb2, health_pb2_grpc, tensor_pb2
 

@@ -10,8 +10,8 @@ import grpc
 import pytest
 import torch
 
-from moemesh.actors.experts.shard import BatchingConfig, ExpertShard
 from moemesh.actors.experts.server import serve_expert_shard
+from moemesh.actors.experts.shard import BatchingConfig, ExpertShard
 from moemesh.kernels.config import ModelConfig
 from moemesh.kernels.weights import expert_tensor_names
 from moemesh.proto import codec, errors, expert_pb2, expert_pb2_grpc, health_pb2, health_pb2_grpc, tensor_pb2

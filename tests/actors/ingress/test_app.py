@@ -15,10 +15,10 @@ import pytest
 import uvicorn
 
 from moemesh.actors.ingress.app import Ingress, LeastLoadedRouter, Worker
-from moemesh.actors.request import Delta, RequestParams
 from moemesh.actors.ingress.metrics import Metrics
 from moemesh.actors.ingress.protocol import IngressLimits
 from moemesh.actors.ingress.text import TextCodec
+from moemesh.actors.request import Delta, RequestParams
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 SCRIPT_TEXT = " Hello world! The expert mesh 😀 routes every token."

@@ -12,9 +12,9 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 
 from moemesh.actors.ingress.app import Ingress
-from moemesh.actors.request import Delta
 from moemesh.actors.ingress.metrics import Metrics
 from moemesh.actors.ingress.protocol import IngressLimits
+from moemesh.actors.request import Delta
 
 pytestmark = pytest.mark.timeout(120)
 KEY = "sk-fuzz-0123456789abcdefghij"

@@ -10,11 +10,11 @@ import logging
 import httpx
 import pytest
 
-from moemesh.actors.ingress.gate import ApiKeys
 from moemesh.actors.ingress.app import Ingress
-from moemesh.actors.request import Delta
+from moemesh.actors.ingress.gate import ApiKeys
 from moemesh.actors.ingress.metrics import Metrics
 from moemesh.actors.ingress.protocol import IngressLimits, OpenAIError
+from moemesh.actors.request import Delta
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 KEY_A, KEY_B = "sk-alpha-0123456789abcdefXYZ", "sk-bravo-9876543210fedcbaQRS"

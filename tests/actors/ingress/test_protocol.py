@@ -8,8 +8,16 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from moemesh.actors.ingress.protocol import (ChatCompletionRequest, CompletionRequest, IngressLimits, OpenAIError,
-                                            WorkerError, inline_schema, parse_json_body, to_openai_error)
+from moemesh.actors.ingress.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    IngressLimits,
+    OpenAIError,
+    WorkerError,
+    inline_schema,
+    parse_json_body,
+    to_openai_error,
+)
 
 LIMITS = IngressLimits()
 

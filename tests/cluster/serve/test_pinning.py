@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from moemesh.cluster.config import DeploymentConfig
-from moemesh.cluster.planner.apply import (PIN_AMOUNT, PlanApplyError, expected_nodes, node_pin_resources,
+from moemesh.cluster.serve.pinning import (PIN_AMOUNT, PlanApplyError, expected_nodes, node_pin_resources,
                                         node_resource, plan_to_deployment, shard_experts)
 from moemesh.cluster.planner.shape import ModelShape
 from moemesh.cluster.planner.plan import MemoryBudget, plan
