@@ -39,7 +39,7 @@ def _resolver(current: dict):
 
 async def _restart_later(delay_s: float, start, current: dict, name) -> None:
     """A replacement server (new port) after `delay_s`, published where the resolver looks."""
-    await asyncio.sleep(delay_s)
+    await asyncio.sleep(delay_s)  # time under test: the shard is away this long
     server, port = await start()
     current[name] = f"127.0.0.1:{port}"
     return server

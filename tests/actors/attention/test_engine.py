@@ -189,7 +189,7 @@ def test_async_generate_streams_and_frees_on_disconnect(model, prompts, referenc
             nonlocal ticks
             while True:
                 ticks += 1
-                await asyncio.sleep(0.001)
+                await asyncio.sleep(0.001)  # time under test: how often the loop gets to run during model steps
 
         tick = asyncio.create_task(ticker())
         full = asyncio.create_task(collect("full", prompts[2], RequestParams(max_tokens=NEW)))

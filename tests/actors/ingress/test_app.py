@@ -616,16 +616,9 @@ async def test_stop_strings_cut_the_text_and_end_the_engine_sequence(tiny_model_
         assert cut["choices"][0]["text"] == text[:i] and cut["choices"][0]["finish_reason"] == "stop"
         first = next(t for t in range(1, len(tokens) + 1) if stop in codec.decode(tokens[:t]))
         assert cut["usage"]["completion_tokens"] >= first  # it reached the token that completed the stop string
-        await _wait_for(lambda: engine.engine.kv.usage().used_blocks == 0)  # aborted: nothing left in the cache
+        await eventually(lambda: engine.engine.kv.usage().used_blocks == 0, timeout=30)  # aborted: cache empty
     finally:
         await engine.shutdown()
-
-
-async def _wait_for(condition, timeout_s: float = 30.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 # ---- over real HTTP ------------------------------------------------------------------------------------------------
