@@ -26,7 +26,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 LABEL_PREFIX = "moemesh.io/"        # Ray node label (or custom resource `moemesh.io/<tier>:<id>`) naming a domain
 NODE_TIER = "node"                  # a tier named `node` is one Ray node: it needs no label
-PRESET_DIR = Path(__file__).resolve().parent.parent / "deploy" / "topologies"
+PRESET_DIR = Path(__file__).resolve().parents[2] / "deploy" / "topologies"  # the repository root's deploy/
 
 
 class TopologyError(ValueError):

@@ -91,7 +91,8 @@ class Server:
         self.port = _free_port()
         self.log = tmp_path / "serve.log"
         config = tmp_path / "serve.yaml"
-        config.write_text(f"model: {model_dir}\ningress: {{model_name: tiny}}\n")
+        config.write_text(f"model: {model_dir}\ningress: {{model_name: tiny}}\nexperts: {{shards: 1}}\n"
+                          "engram: {shards: 1}\n")  # the fewest processes: four replicas
         cmd = [sys.executable, "-m", "moemesh.cluster.cli", "serve", str(config), "--port", str(self.port),
                "--drain-timeout", str(DRAIN_S), *extra]
         self.shell = self.master = None
