@@ -56,10 +56,11 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
 
 def _generate(args: argparse.Namespace) -> int:
     """Offline generation with the single-process reference model."""
-    import moemesh
     import torch
-    from moemesh.kernels.sampling import SamplingParams
     from tokenizers import Tokenizer
+
+    import moemesh
+    from moemesh.kernels.sampling import SamplingParams
 
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     model = moemesh.load_model(args.checkpoint, dtype=getattr(torch, args.dtype), device=args.device)
@@ -94,7 +95,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray 2.60 clients must say so before importing ray
     from moemesh.cluster.config import DeploymentConfig
-    from moemesh.cluster.shutdown import ProcessTree, StopRequested, StopSignals, exit_now, stop_serving
+    from moemesh.cluster.serve.stopping import ProcessTree, StopRequested, StopSignals, exit_now, stop_serving
 
     config = DeploymentConfig.from_yaml(args.config) if args.config else DeploymentConfig()
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
@@ -102,14 +103,15 @@ def _serve(args: argparse.Namespace) -> int:
         config = config.model_copy(update={"ingress": config.ingress.model_copy(update=overrides)})
     if args.drain_timeout < 0:
         raise ValueError(f"--drain-timeout must be >= 0, got {args.drain_timeout}")
-    from moemesh.cluster.app import APP_NAME, deploy
+    from moemesh.cluster.names import APP_NAME
+    from moemesh.cluster.serve.app import deploy
 
     if args.detach:
         url = deploy(config, args.address, wait_for_resources=args.wait_for_resources)
         print(f"moemesh is serving {config.model} at {url} (OpenAI API)", flush=True)
         return 0
     # Before Ray starts anything: every process started from here on stays findable (and endable) at exit, and a
-    # signal during start-up stops as cleanly as one while serving (cluster/shutdown.py).
+    # signal during start-up stops as cleanly as one while serving (cluster/serve/stopping.py).
     tree, signals = ProcessTree(), StopSignals().install()
     try:
         url = deploy(config, args.address, wait_for_resources=args.wait_for_resources)
@@ -164,24 +166,24 @@ def _bench(args: argparse.Namespace) -> int:
     import os
 
     if args.what == "kernels":
-        from moemesh.cluster.bench_report import write_section
-        from moemesh.kernels import bench_kernels
+        from moemesh.cluster.bench import kernels as bench_kernels
+        from moemesh.cluster.bench.report import write_section
 
         return bench_kernels.main(["--device", args.device, "--preset", args.preset, "--dtype", args.dtype,
                                    "--repeat", str(args.repeat)] + (["--write", args.write] if args.write else []),
                                   write_section=write_section)
     if args.what == "plan":
-        from moemesh.cluster import bench_planner
+        from moemesh.cluster.bench import plan as bench_planner
 
         flags = (["--quick"] if args.quick else []) + (["--write", args.write] if args.write else [])
         return bench_planner.main(flags, command=" ".join(["moemesh bench plan", *flags]))
     os.environ.setdefault("RAY_AUTH_MODE", "token")
-    from moemesh.cluster.bench_serve import run
+    from moemesh.cluster.bench.serve import run
     from moemesh.cluster.config import DeploymentConfig
 
     config = DeploymentConfig.from_yaml(args.config) if args.config else DeploymentConfig()
     if args.what == "soak":
-        from moemesh.cluster import bench_soak
+        from moemesh.cluster.bench import soak as bench_soak
 
         if args.minutes <= 0:
             raise ValueError(f"--minutes: a positive number, got {args.minutes}")
@@ -198,7 +200,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _plan_command() -> Command:
-    from moemesh.cluster import plan_cli
+    from moemesh.cluster.planner import report as plan_cli
 
     return Command(plan_cli.HELP, plan_cli.add_args, plan_cli.run)
 

@@ -24,8 +24,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
-from moemesh.actors.expert_controller import AutoscalingConfig
-from moemesh.actors.openai_protocol import IngressLimits
+from moemesh.actors.ingress.protocol import IngressLimits
+from moemesh.cluster.control.policy import AutoscalingConfig
 from moemesh.cluster.placement import Placement  # noqa: F401 - part of this module's public names
 from moemesh.kernels.config import describe_validation_error
 from moemesh.proto.auth import GrpcSecurity, TlsFiles
@@ -45,8 +45,8 @@ class _Strict(BaseModel):
 
 class AttentionAutoscaling(_Strict):
     """The attention pool: extra ranks beside the fixed `attention.replicas`, one Serve deployment (`attention-pool`)
-    that Serve's autoscaler sizes with moemesh's policy (cluster/serve_policy.py, docs/serving.md). The ingress sends
-    work to the pool once every fixed rank holds `target_queue_per_replica` sequences."""
+    that Serve's autoscaler sizes with moemesh's policy (cluster/serve/pool_policy.py, docs/serving.md). The ingress
+    sends work to the pool once every fixed rank holds `target_queue_per_replica` sequences."""
 
     min_replicas: int = Field(0, ge=0, description="Pool replicas at least (0: the pool starts when first needed).")
     max_replicas: int = Field(4, ge=1, description="Pool replicas at most.")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import Counter
 
 from moemesh.cluster.config import ConfigFileError, DeploymentConfig, Placement
+
 ACCELERATORS = ("GPU", "NPU")  # the Ray resources that hand a process a device (cuda, npu)
 HINT = {"GPU": "a CUDA build of torch on nodes with NVIDIA GPUs",
         "NPU": "torch_npu + CANN on Ascend nodes (Ray advertises `NPU` there)"}

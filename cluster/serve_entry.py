@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from ray.serve import Application
 
-from moemesh.cluster.app import build_app
 from moemesh.cluster.config import DeploymentConfig
+from moemesh.cluster.serve.app import build_app
 
 
 def app_builder(args: dict) -> Application:

@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moemesh.kernels import dispatch
+from moemesh.kernels import fast_paths
 from moemesh.kernels.compressor import Compressor, Indexer
 from moemesh.kernels.config import CSA, SLIDING, ModelConfig
-from moemesh.kernels.kv_cache import LayerCache
+from moemesh.kernels.decode_state import LayerCache
 from moemesh.kernels.norms import RMSNorm, unweighted_rms_norm
 from moemesh.kernels.rope import Rotary, apply_rope
 
@@ -107,7 +107,7 @@ class Attention(nn.Module):
                 most_visible = entries.shape[0]
             keys, allowed = torch.cat([keys, entries]), torch.cat([allowed, visible], dim=-1)
         scale = self.head_dim ** -0.5
-        fast = dispatch.sink_attention(  # device kernel; None on the CPU
+        fast = fast_paths.sink_attention(  # device kernel; None on the CPU
             q, keys, allowed, self.attn_sink, scale,
             key_lists=lambda: key_lists(positions, past, self.window, visible, most_visible))
         return fast if fast is not None else sink_attention(q, keys, allowed, self.attn_sink, scale)

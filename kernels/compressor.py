@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moemesh.kernels.config import ModelConfig
-from moemesh.kernels.kv_cache import CompressorState, GrowableRows
+from moemesh.kernels.decode_state import CompressorState, GrowableRows
 from moemesh.kernels.norms import RMSNorm
 from moemesh.kernels.rope import Rotary, apply_rope
 

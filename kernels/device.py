@@ -152,7 +152,7 @@ def triton_available() -> bool:
 
 
 def kernel_path(device: torch.device) -> KernelPath:
-    """The kernel family the dispatchers (kernels/dispatch.py) use for tensors on `device`."""
+    """The kernel family the dispatchers (kernels/fast_paths.py) use for tensors on `device`."""
     if device.type == "cpu" or kernels_mode() == "reference":
         return "reference"
     if device.type == "cuda" and triton_available():

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moemesh.kernels import dispatch
+from moemesh.kernels import fast_paths
 from moemesh.kernels.config import ModelConfig
 
 _SENTINEL = "\ue000"         # stands in for a lone space while the normalizer strips
@@ -299,7 +299,7 @@ class EngramMemory(nn.Module):
         if hash_ids.numel() and ((hash_ids < 0).any() or (hash_ids >= self.sizes).any()):
             raise ValueError("hash_ids: an index lies outside its head's table")
         hash_ids = hash_ids.long()
-        fast = dispatch.engram_lookup(hash_ids, self.offsets, self.embed.weight)  # device kernel; None on the CPU
+        fast = fast_paths.engram_lookup(hash_ids, self.offsets, self.embed.weight)  # device kernel; None on the CPU
         if fast is not None:
             return fast
         rows = F.embedding(hash_ids + self.offsets, self.embed.weight)            # [N, O*H, head_dim]
@@ -363,7 +363,7 @@ class EngramGate(nn.Module):
         v = F.linear(rows, self.value_proj.weight.to(dtype))                          # [T, D]
         k = F.linear(rows, self.key_proj.weight.to(dtype)).view(T, self.streams, self.dim)  # [T, S, D]
         if self.form != "paper":
-            fast = dispatch.engram_gate(streams, k, v, self.query_norm.weight, self.key_norm.weight,
+            fast = fast_paths.engram_gate(streams, k, v, self.query_norm.weight, self.key_norm.weight,
                                         self.eps)  # fused device kernel; None on the CPU
             return (fast if fast is not None else streams + self._alpha(streams, k) * v[:, None, :]), None
         u = self._alpha(streams, k) * v[:, None, :]                                  # [T, S, D]

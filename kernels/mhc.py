@@ -57,7 +57,8 @@ def merge_streams(streams: torch.Tensor, out: torch.Tensor, post: torch.Tensor, 
 
 
 class HyperHead(nn.Module):
-    """Final collapse of the streams before the last norm. Tensors: `hc_head_fn` [hc, hc·D], `_base` [hc], `_scale` [1]."""
+    """Final collapse of the streams before the last norm. Tensors: `hc_head_fn` [hc, hc·D], `_base` [hc], `_scale`
+    [1]."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

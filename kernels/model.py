@@ -8,7 +8,7 @@ Shapes: N = tokens of the step, hc = residual streams, D = hidden, V = vocabular
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,8 +17,8 @@ from torch import nn
 
 from moemesh.kernels.attention import Attention, Segment
 from moemesh.kernels.config import ModelConfig
+from moemesh.kernels.decode_state import SequenceCache
 from moemesh.kernels.engram import EngramGate, EngramHasher, EngramMemory
-from moemesh.kernels.kv_cache import SequenceCache
 from moemesh.kernels.mhc import HyperConnection, HyperHead, merge_streams
 from moemesh.kernels.moe import MoE
 from moemesh.kernels.norms import RMSNorm
@@ -39,7 +39,8 @@ class StepInput:
 
 
 class Block(nn.Module):
-    """One decoder layer: [Engram] -> mHC -> attention -> mHC -> MoE, on hc residual streams."""
+    """One decoder layer: [Engram] -> mHC -> attention -> mHC -> MoE, on hc residual streams. It has no
+    `forward`: the MoE is the driver's (local or remote), so `DeepseekV4.layer_loop` strings the parts together."""
 
     def __init__(self, cfg: ModelConfig, layer: int, rotary: dict[str, Rotary], with_experts: bool = True,
                  with_engram_tables: bool = True):
@@ -55,16 +56,10 @@ class Block(nn.Module):
         self.attn = Attention(cfg, layer, rotary)
         self.ffn = MoE(cfg, layer, with_experts)
 
-    def forward(self, streams: torch.Tensor, step: "StepInput") -> torch.Tensor:
-        """streams [N, hc, D] -> [N, hc, D], with the routed experts held here."""
-        streams, post, comb, x = self.before_moe(streams, step)
-        return merge_streams(streams, self.ffn(x, step.token_ids), post, comb)
-
-    def before_moe(self, streams: torch.Tensor, step: "StepInput"):
+    def before_moe(self, streams: torch.Tensor, step: StepInput):
         """Everything up to the MoE input: [Engram], mHC, attention, mHC -> (streams, post, comb, x [N, D]).
-
-        A distributed attention worker calls this, routes `x` (`ffn.gate`), sends it to the expert shards while it
-        runs `ffn.shared_experts(x)`, and finishes with `merge_streams(streams, routed + shared, post, comb)`."""
+        The MoE output y [N, D] then goes back in with `merge_streams(streams, y, post, comb)` (see
+        `DeepseekV4.layer_loop`, the one place that does both)."""
         if self.engram is not None:
             streams = self._add_memory(streams, step.engram_rows.get(self.layer), step.segments)
         post, comb, x = self.hc_attn(streams)
@@ -122,13 +117,16 @@ class DeepseekV4(nn.Module):
         `engram_rows` ({layer: [N, engram_dim]}) comes from an Engram service; without it, Engram layers look up
         their local tables. Either way the indices depend only on the tokens, so they are ready before layer 0."""
         step = self.begin_step(token_ids, caches, engram_rows)
-        streams = step.streams
-        for block in self.layers:
-            streams = block(streams, step)
-        return self.end_step(step, streams)
+        loop, y = self.layer_loop(step), None
+        while True:
+            try:
+                block, x = loop.send(y)
+            except StopIteration as done:
+                return self.end_step(step, done.value)
+            y = block.ffn(x, step.token_ids)  # the local MoE: routed experts held here + shared expert
 
     def begin_step(self, token_ids: Sequence[Sequence[int]], caches: Sequence[SequenceCache],
-                   engram_rows: dict[int, torch.Tensor] | None = None) -> "StepInput":
+                   engram_rows: dict[int, torch.Tensor] | None = None) -> StepInput:
         """Validate and flatten the step's tokens, look up Engram rows if needed, embed -> the layer loop's input."""
         if len(token_ids) != len(caches):
             raise ValueError(f"token_ids: {len(token_ids)} sequences but {len(caches)} caches")
@@ -149,7 +147,22 @@ class DeepseekV4(nn.Module):
         streams = self.embed(flat).unsqueeze(1).expand(-1, self.config.hc_mult, -1).contiguous()
         return StepInput(flat, positions, segments, engram_rows or {}, streams, [list(ids) for ids in token_ids])
 
-    def end_step(self, step: "StepInput", streams: torch.Tensor) -> torch.Tensor:
+    def layer_loop(self, step: StepInput) -> Generator[tuple[Block, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """The layer loop with the MoE left to the driver, the only part that differs between the single-process
+        step (`step`, local experts) and the attention worker's (`RemoteStep`, experts in other processes).
+
+        Per block: yields `(block, x)` at its MoE input, takes the MoE output (routed + shared) back through
+        `send(y)`, merges it into the residual streams. Returns (StopIteration.value) the final streams for
+        `end_step`. Prime it with `send(None)`.
+        N = tokens, hc = residual streams, D = hidden: x, y [N, D]; streams [N, hc, D]."""
+        streams = step.streams  # [N, hc, D]
+        for block in self.layers:
+            streams, post, comb, x = block.before_moe(streams, step)  # x [N, D]
+            y = yield block, x  # [N, D]
+            streams = merge_streams(streams, y, post, comb)
+        return streams
+
+    def end_step(self, step: StepInput, streams: torch.Tensor) -> torch.Tensor:
         """Advance the caches' bookkeeping; final streams [N, hc, D] -> hidden states [N, D]."""
         for seg, ids in zip(step.segments, step.new_tokens):
             seg.cache.length += len(ids)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moemesh.kernels import dispatch
+from moemesh.kernels import fast_paths
 from moemesh.kernels.config import ModelConfig
 
 _SCORES = {
@@ -42,8 +42,8 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, D], input_ids [N] -> weights [N, k] (float32), indices [N, k] (int64 expert ids)."""
         logits = F.linear(x, self.weight)
-        if not self.is_hash:  # device fused gating (kernels/dispatch.py); None on the CPU
-            fast = dispatch.gating_topk(logits, self.bias, self.top_k, self.scoring, self.normalize, self.scale)
+        if not self.is_hash:  # device fused gating (kernels/fast_paths.py); None on the CPU
+            fast = fast_paths.gating_topk(logits, self.bias, self.top_k, self.scoring, self.normalize, self.scale)
             if fast is not None:
                 return fast
         scores = self.score(logits.float())
@@ -83,9 +83,9 @@ class ExpertBank(nn.Module):
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, D], indices [N, k] global ids (-1 = none), weights [N, k] -> Σ over held experts w·expert(x)  [N, D].
 
-        Tokens are grouped by expert (one GEMM pair per expert that has tokens). On a device, `dispatch` runs the
-        grouped kernels instead (reading `packed` quantized weights when set)."""
-        fast = dispatch.routed_experts(self, x, indices, weights)  # None on the CPU
+        Tokens are grouped by expert (one GEMM pair per expert that has tokens). On a device,
+        `fast_paths.routed_experts` runs the grouped kernels instead (reading `packed` quantized weights when set)."""
+        fast = fast_paths.routed_experts(self, x, indices, weights)  # None on the CPU
         if fast is not None:
             return fast
         N, k = indices.shape
@@ -114,7 +114,8 @@ class SharedExpert(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         D, I = cfg.hidden_size, cfg.moe_intermediate_size * max(cfg.n_shared_experts, 1)
-        self.w1, self.w2, self.w3 = nn.Linear(D, I, bias=False), nn.Linear(I, D, bias=False), nn.Linear(D, I, bias=False)
+        self.w1, self.w2 = nn.Linear(D, I, bias=False), nn.Linear(I, D, bias=False)
+        self.w3 = nn.Linear(D, I, bias=False)
         self.limit = cfg.swiglu_limit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

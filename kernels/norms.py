@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moemesh.kernels import dispatch
+from moemesh.kernels import fast_paths
 
 
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -23,7 +23,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fast = dispatch.rms_norm(x, self.weight, self.eps)  # device kernel; None on the CPU
+        fast = fast_paths.rms_norm(x, self.weight, self.eps)  # device kernel; None on the CPU
         return fast if fast is not None else (self.weight * rms_normalize(x, self.eps)).to(x.dtype)
 
 

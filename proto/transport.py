@@ -56,7 +56,7 @@ class ExpertTransport(ABC):
 
 
 class DispatchTarget(Protocol):
-    """What the in-process transport calls: `actors.expert_shard.ExpertShard` satisfies it."""
+    """What the in-process transport calls: `actors.experts.shard.ExpertShard` satisfies it."""
 
     async def dispatch(self, batch: TokenBatch) -> torch.Tensor: ...
 

@@ -9,14 +9,16 @@ import pytest
 import torch
 
 import moemesh
-from moemesh.actors.dispatch import Dispatcher, ExpertMap
-from moemesh.actors.engram_client import EngramClient, EngramClientConfig, EngramRoute, GrpcEngramTransport
-from moemesh.actors.engram_service import EngramShard, serve_engram_shard
-from moemesh.actors.expert_shard import ExpertShard, serve_expert_shard
-from moemesh.actors.generation import (Choice, Delta, Generation, GenerationParams, LeastLoadedRouter,
-                                       WorkerLost)
-from moemesh.actors.shard_health import RecoveryConfig
-from moemesh.actors.text_codec import StopCutter, TextCodec
+from moemesh.actors.attention.shard_avoidance import RecoveryConfig
+from moemesh.actors.attention.token_dispatch import Dispatcher, ExpertMap
+from moemesh.actors.engram.client import EngramClient, EngramClientConfig, EngramRoute, GrpcEngramTransport
+from moemesh.actors.engram.server import serve_engram_shard
+from moemesh.actors.engram.service import EngramShard
+from moemesh.actors.experts.server import serve_expert_shard
+from moemesh.actors.experts.shard import ExpertShard
+from moemesh.actors.ingress.generation import Choice, Generation, LeastLoadedRouter, WorkerLost
+from moemesh.actors.ingress.text import StopCutter, TextCodec
+from moemesh.actors.request import Delta, RequestParams
 from moemesh.kernels.checkpoint import Checkpoint
 from moemesh.proto.transport import GrpcTransport
 
@@ -37,7 +39,7 @@ def _resolver(current: dict):
 
 async def _restart_later(delay_s: float, start, current: dict, name) -> None:
     """A replacement server (new port) after `delay_s`, published where the resolver looks."""
-    await asyncio.sleep(delay_s)
+    await asyncio.sleep(delay_s)  # time under test: the shard is away this long
     server, port = await start()
     current[name] = f"127.0.0.1:{port}"
     return server
@@ -85,7 +87,7 @@ def test_expert_shard_failover_to_a_replica_then_waiting_for_a_restart(model, ti
 
 
 def test_engram_range_without_replica_waits_for_its_restart(model):
-    from moemesh.actors.engram_service import engram_layout
+    from moemesh.actors.engram.service import engram_layout
 
     tables = {l: model.layers[l].engram_memory.embed.weight.detach() for l in model.config.engram_layer_ids}
     layout = engram_layout(model.config, 1)[0]
@@ -133,7 +135,7 @@ class _Counter:
                 raise WorkerLost("the worker's process died")
             last = (last + 1) % 50
             yield Delta([last], finish_reason="length" if i == params.max_tokens - 1 else None,
-                        completion_tokens=i + 1, text=f"<{last}>")
+                        completion_tokens=i + 1)
 
     async def load(self) -> float:
         return 0.0 if self.die_after is None else -1.0  # the dying one is picked first
@@ -146,7 +148,7 @@ def test_a_request_moves_to_another_worker_when_its_worker_is_lost(tiny_model_di
     codec = TextCodec.from_checkpoint(tiny_model_dir)
     dying, healthy = _Counter(die_after=3), _Counter()
     router = LeastLoadedRouter([dying, healthy])
-    params = GenerationParams(max_tokens=8, temperature=0)
+    params = RequestParams(max_tokens=8, temperature=0)
 
     async def main():
         worker = await router.pick()
@@ -169,8 +171,8 @@ def test_a_request_moves_to_another_worker_when_its_worker_is_lost(tiny_model_di
 def test_a_moved_request_replayed_in_its_original_chunks_continues_exactly(model):
     """A one-chunk prefill of prompt + generated tokens can differ from prefill + decode steps (the CSA indexer's
     ties depend on the pool size when a query runs: here a 55-token prompt); replaying the original chunks cannot."""
-    from moemesh.actors.engine import Engine
-    from moemesh.actors.sequence import RequestParams
+    from moemesh.actors.attention.engine import Engine
+    from moemesh.actors.request import RequestParams
 
     prompt = torch.randint(3, model.config.vocab_size, (55,), generator=torch.Generator().manual_seed(7)).tolist()
     full = model.generate(torch.tensor([prompt]), max_new_tokens=10, eos_token_id=None)[0, len(prompt):].tolist()

@@ -8,10 +8,10 @@ from types import SimpleNamespace
 
 import httpx
 
-from moemesh.actors.block_manager import KVCacheUsage
-from moemesh.actors.dispatch import DispatchStats
-from moemesh.actors.engine import EngineStats
-from moemesh.actors.metrics import Metrics, process_metrics
+from moemesh.actors.attention.blocks import KVCacheUsage
+from moemesh.actors.attention.engine import EngineStats
+from moemesh.actors.attention.token_dispatch import DispatchStats
+from moemesh.actors.ingress.metrics import Metrics, process_metrics
 from moemesh.actors.role_metrics import WorkerCollector, role_registry, serve_registry
 
 INGRESS = {  # name -> Prometheus type

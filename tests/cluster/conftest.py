@@ -3,7 +3,7 @@
 `ray.cluster_utils.Cluster` starts three Ray nodes on this machine standing in for three hosts; custom resources mark
 them (`head_node`, `expert_node`, `engram_node`) and the deployment config pins roles to them. Each node also carries
 its pin resource `moemesh.io/node:<marker>` and the worker nodes logical NPUs (expert_node 2, engram_node 1) that
-nothing asks for: the devices a plan is made for (tests/cluster/test_plan_apply.py). Never `ray stop`:
+nothing asks for: the devices a plan is made for (tests/cluster/serve/test_pinning.py). Never `ray stop`:
 everything started here is stopped with `serve.shutdown()` / `Cluster.shutdown()`.
 """
 
@@ -34,7 +34,7 @@ def ray_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
-    def pin(name: str) -> dict:  # each node's own resource, what cluster/plan_apply.py pins processes with
+    def pin(name: str) -> dict:  # each node's own resource, what cluster/serve/pinning.py pins processes with
         return {f"moemesh.io/node:{name}": 1}
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 6,
@@ -63,7 +63,7 @@ def served(ray_cluster, tiny_model_dir):
     """The tiny model deployed on the cluster: (base URL, DeploymentConfig, node ids by marker)."""
     from ray import serve
 
-    from moemesh.cluster.app import deploy
+    from moemesh.cluster.serve.app import deploy
     from moemesh.cluster.config import DeploymentConfig
 
     _, node_ids = ray_cluster
@@ -82,7 +82,7 @@ def side_app(served, tiny_model_dir):
     on exit, so what a test does to it (kills, scaling) disturbs no other test."""
     from ray import serve
 
-    from moemesh.cluster.app import build_app
+    from moemesh.cluster.serve.app import build_app
     from moemesh.cluster.config import DeploymentConfig
 
     @contextlib.contextmanager
@@ -125,8 +125,8 @@ def reference(tiny_model_dir) -> Reference:
     return Reference(tiny_model_dir)
 
 
-def _wait_until(what: str, probe, timeout_s: float = 180.0, every_s: float = 0.5):
-    """Poll `probe()` until it returns something truthy (bounded)."""
+def _wait_until(what: str, probe, timeout_s: float = 180.0, every_s: float = 0.2):
+    """Poll `probe()` every `every_s` until it returns something truthy (bounded by `timeout_s`)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         got = probe()
@@ -196,7 +196,7 @@ class HttpLoad:
 
 @pytest.fixture(scope="session")
 def wait_until():
-    """`wait_until(what, probe, timeout_s=180, every_s=0.5)`: poll until `probe()` is truthy -> its value."""
+    """`wait_until(what, probe, timeout_s=180, every_s=0.2)`: poll until `probe()` is truthy -> its value."""
     return _wait_until
 
 

@@ -50,7 +50,7 @@ def test_an_assignment_missing_experts_is_refused():
 
 
 def test_each_shard_takes_its_own_placement_else_the_default():
-    from moemesh.cluster.app import required_cpus
+    from moemesh.cluster.serve.app import required_cpus
 
     config = DeploymentConfig.from_dict({"experts": {
         "assignment": [{"experts": {0: [0]}, "placement": {"num_cpus": 3}}, {"experts": {0: [1]}}],

@@ -18,9 +18,9 @@ import pytest
 import yaml
 
 from moemesh.cluster.config import ConfigFileError, DeploymentConfig
-from moemesh.cluster.plan_apply import NODE_RESOURCE_PREFIX
+from moemesh.cluster.serve.pinning import NODE_RESOURCE_PREFIX
 from moemesh.cluster.serve_entry import app_builder
-from moemesh.cluster.topology import LABEL_PREFIX
+from moemesh.cluster.planner.topology import LABEL_PREFIX
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"

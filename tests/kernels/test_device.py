@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from moemesh import load_model
-from moemesh.kernels import device, dispatch
+from moemesh.kernels import device, fast_paths
 from moemesh.kernels.attention import Segment, sink_attention
 from moemesh.kernels.config import ModelConfig
 from moemesh.kernels.moe import ExpertBank, Router
@@ -38,8 +38,8 @@ def fake_npu(monkeypatch):
     """A fake torch_npu in sys.modules, and every dispatcher routed to the torch_npu path (CPU tensors)."""
     mod = npu_fake.make_module()
     monkeypatch.setitem(sys.modules, "torch_npu", mod)
-    monkeypatch.setattr(dispatch, "_path", lambda t: "torch_npu")
-    monkeypatch.setattr(dispatch, "_NPU_REFUSED", set())
+    monkeypatch.setattr(fast_paths, "_path", lambda t: "torch_npu")
+    monkeypatch.setattr(fast_paths, "_NPU_REFUSED", set())
     return mod
 
 
@@ -174,14 +174,14 @@ def test_cpu_roles_never_import_torch_npu_and_npu_requests_do(tiny_model_dir, tm
 # ---- dispatch: CPU keeps the reference, NPU glue through the fake ----------------------------------------------------
 def test_dispatchers_decline_cpu_tensors():
     x = torch.randn(3, 8)
-    assert dispatch.rms_norm(x, torch.ones(8), 1e-6) is None
-    assert dispatch.gating_topk(x, torch.zeros(8), 2, "sigmoid", True, 1.0) is None
-    assert dispatch.sink_attention(torch.randn(2, 2, 8), x, torch.ones(2, 3, dtype=torch.bool), torch.zeros(2),
+    assert fast_paths.rms_norm(x, torch.ones(8), 1e-6) is None
+    assert fast_paths.gating_topk(x, torch.zeros(8), 2, "sigmoid", True, 1.0) is None
+    assert fast_paths.sink_attention(torch.randn(2, 2, 8), x, torch.ones(2, 3, dtype=torch.bool), torch.zeros(2),
                                    0.3) is None
-    assert dispatch.engram_lookup(torch.zeros(2, 2, dtype=torch.long), torch.zeros(2, dtype=torch.long), x) is None
-    assert dispatch.engram_gate(x[None], x[None], x, torch.ones(8), torch.ones(8), 1e-6) is None
+    assert fast_paths.engram_lookup(torch.zeros(2, 2, dtype=torch.long), torch.zeros(2, dtype=torch.long), x) is None
+    assert fast_paths.engram_gate(x[None], x[None], x, torch.ones(8), torch.ones(8), 1e-6) is None
     bank = ExpertBank(_cfg(), [0, 1])
-    assert dispatch.routed_experts(bank, x[:, :1].expand(3, 32), torch.zeros(3, 4, dtype=torch.long),
+    assert fast_paths.routed_experts(bank, x[:, :1].expand(3, 32), torch.zeros(3, 4, dtype=torch.long),
                                    torch.ones(3, 4)) is None
 
 
@@ -211,7 +211,7 @@ def test_npu_grouped_matmul_glue_chunks_over_128_experts(fake_npu, monkeypatch):
     calls = [kw for name, kw in fake_npu.calls if name == "npu_grouped_matmul"]
     assert calls and all(c["groups"] <= 128 and c["group_list_type"] == 1 and c["group_type"] == 0 for c in calls)
     assert {c["groups"] for c in calls} == {128, 7}
-    monkeypatch.setattr(dispatch, "_path", lambda t: "reference")
+    monkeypatch.setattr(fast_paths, "_path", lambda t: "reference")
     torch.testing.assert_close(got, bank(x, indices, weights), rtol=1e-5, atol=1e-5)
 
 
@@ -223,7 +223,7 @@ def test_npu_gating_glue(fake_npu, monkeypatch, scoring):
     got_w, got_i = router(x, torch.zeros(20, dtype=torch.long))
     used = [name for name, _ in fake_npu.calls]
     assert used == ([] if scoring == "sqrtsoftplus" else ["npu_moe_gating_top_k"])  # V4's scoring: reference
-    monkeypatch.setattr(dispatch, "_path", lambda t: "reference")
+    monkeypatch.setattr(fast_paths, "_path", lambda t: "reference")
     ref_w, ref_i = router(x, torch.zeros(20, dtype=torch.long))
     order_got, order_ref = got_i.sort(-1), ref_i.sort(-1)
     assert torch.equal(order_got.values, order_ref.values) and got_i.dtype == torch.long
@@ -253,13 +253,13 @@ def test_npu_attention_glue_restores_the_sink(fake_npu, heads):
     allowed = torch.rand(T, S, generator=g) < 0.5
     allowed[:, 0] = True
     sink = torch.randn(heads, generator=g) * 2
-    got = dispatch.sink_attention(q, keys, allowed, sink, Dh ** -0.5)
+    got = fast_paths.sink_attention(q, keys, allowed, sink, Dh ** -0.5)
     calls = [kw for name, kw in fake_npu.calls if name == "npu_fused_infer_attention_score"]
     assert len(calls) == -(-heads // 64) and all(c["softmax_lse_flag"] and c["num_key_value_heads"] == 1
                                                  for c in calls)
     ref = sink_attention(q.double(), keys.double(), allowed, sink.double(), Dh ** -0.5)
     torch.testing.assert_close(got.double(), ref, rtol=2e-2, atol=2e-2)
-    assert dispatch.sink_attention(q.float(), keys.float(), allowed, sink, 0.25) is None  # fp32: not supported
+    assert fast_paths.sink_attention(q.float(), keys.float(), allowed, sink, 0.25) is None  # fp32: not supported
 
 
 # ---- the model's hooks: CPU numerics unchanged, and each hook's result is what the module returns --------------------
@@ -287,7 +287,7 @@ def _spy(monkeypatch, name: str, result):
         calls.append((args, kwargs))
         return result(*args, **kwargs)
 
-    monkeypatch.setattr(dispatch, name, hook)
+    monkeypatch.setattr(fast_paths, name, hook)
     return calls
 
 
@@ -298,11 +298,11 @@ def test_cpu_model_reaches_every_hook_and_each_declines(tiny_model_dir, monkeypa
     hooks = ("rms_norm", "routed_experts", "gating_topk", "sink_attention", "engram_lookup", "engram_gate")
     returned: dict[str, list] = {}
     for name in hooks:
-        def hook(*args, _name=name, _real=getattr(dispatch, name), **kwargs):
+        def hook(*args, _name=name, _real=getattr(fast_paths, name), **kwargs):
             returned.setdefault(_name, []).append(_real(*args, **kwargs))
             return returned[_name][-1]
 
-        monkeypatch.setattr(dispatch, name, hook)
+        monkeypatch.setattr(fast_paths, name, hook)
     monkeypatch.setenv("MOEMESH_KERNELS", "not-a-mode")
     model = load_model(tiny_model_dir)
     prompt = torch.randint(3, model.config.vocab_size, (2, 60), generator=torch.Generator().manual_seed(8))
@@ -314,7 +314,7 @@ def test_cpu_model_reaches_every_hook_and_each_declines(tiny_model_dir, monkeypa
 
 @pytest.mark.parametrize("layer", [0, 1, 2])  # sliding, CSA, HCA
 def test_attention_calls_the_sink_attention_hook_and_returns_its_result(tiny_model_dir, monkeypatch, layer):
-    """Attention._attend hands dispatch.sink_attention its q, keys, mask, sink and scale, plus key lists that name
+    """Attention._attend hands fast_paths.sink_attention its q, keys, mask, sink and scale, plus key lists that name
     exactly the allowed keys (ascending, no host sync); the hook's result (here the float64 reference) is what the
     module uses, and a hook returning zeros zeroes the module's output."""
     model = load_model(tiny_model_dir)
@@ -346,7 +346,7 @@ def test_attention_module_through_the_fake_npu(tiny_model_dir, fake_npu, monkeyp
     attn = model.layers[1].attn
     got = _two_steps(model, attn)
     assert sum(name == "npu_fused_infer_attention_score" for name, _ in fake_npu.calls) == 3
-    monkeypatch.setattr(dispatch, "_path", lambda t: "reference")
+    monkeypatch.setattr(fast_paths, "_path", lambda t: "reference")
     for a, b in zip(got, _two_steps(model, attn)):
         torch.testing.assert_close(a.double(), b.double(), rtol=2e-2, atol=2e-2 * float(b.abs().max()))
 
@@ -370,7 +370,7 @@ def test_engram_memory_calls_the_lookup_hook_and_returns_its_result(tiny_model_d
 
 @pytest.mark.parametrize("form", ["v4.1", "paper"])
 def test_engram_gate_calls_the_fused_gate_hook_in_the_v41_form(monkeypatch, form):
-    """The v4.1 gate hands dispatch.engram_gate the streams, key_proj/value_proj outputs, both norm weights and eps,
+    """The v4.1 gate hands fast_paths.engram_gate the streams, key_proj/value_proj outputs, both norm weights and eps,
     and returns the hook's result (here the float64 formula); the paper form (conv after the gate) never calls it."""
     from moemesh.kernels.engram import EngramGate
 

@@ -65,7 +65,7 @@ def case_experts(dtype, n_tokens, fmt="float", scale_fmt="ue8m0"):
     """ExpertBank.forward through dispatch (sort, grouped SwiGLU GEMM, grouped down GEMM, un-permute): 8 experts,
     5 held (one gets no token), k=3 with -1 slots and experts held elsewhere."""
     def run(dev, g):
-        from moemesh.kernels import dispatch
+        from moemesh.kernels import fast_paths
         from moemesh.kernels.config import ModelConfig
         from moemesh.kernels.moe import ExpertBank
         from moemesh.kernels.packed import PackedExperts
@@ -87,7 +87,7 @@ def case_experts(dtype, n_tokens, fmt="float", scale_fmt="ue8m0"):
         idx[idx == 3] = 1  # held expert 3 gets no token; 1 is held elsewhere
         idx[0, 0] = 0  # at least one held pair: an all-zero reference would make the relative error 0/0
         w = (torch.rand(n_tokens, k, generator=g) + 0.1)
-        got = _with_triton_path(dispatch, dev, lambda: bank(x, idx.to(dev), w.to(dev)))
+        got = _with_triton_path(fast_paths, dev, lambda: bank(x, idx.to(dev), w.to(dev)))
         src = bank.packed or PackedExperts.from_bank(bank, "float")
         W1, W2, W3 = (p.dequantize().double().cpu() for p in (src.w1, src.w2, src.w3))
         ref = torch.zeros(n_tokens, D, dtype=torch.float64)
@@ -104,7 +104,7 @@ def case_experts(dtype, n_tokens, fmt="float", scale_fmt="ue8m0"):
 
 
 def case_experts_without_tokens(dev, g):
-    from moemesh.kernels import dispatch
+    from moemesh.kernels import fast_paths
     from moemesh.kernels.config import ModelConfig
     from moemesh.kernels.moe import ExpertBank
 
@@ -114,7 +114,7 @@ def case_experts_without_tokens(dev, g):
     bank = ExpertBank(cfg, [1, 2]).to(dev)
     x = _rand(g, 5, 32, dev=dev)
     for idx in (torch.zeros(0, 2, dtype=torch.long), torch.tensor([[0, 3]] * 5), torch.full((5, 2), -1)):
-        got = _with_triton_path(dispatch, dev, lambda: bank(x[: idx.shape[0]], idx.to(dev), torch.ones(idx.shape,
+        got = _with_triton_path(fast_paths, dev, lambda: bank(x[: idx.shape[0]], idx.to(dev), torch.ones(idx.shape,
                                                                                                       device=dev)))
         assert got.shape == (idx.shape[0], 32) and not got.any()  # nothing held here: zeros, as the reference
     return 0.0, 0.0
@@ -123,7 +123,7 @@ def case_experts_without_tokens(dev, g):
 def case_tiny_checkpoint_experts(dev, g):
     """The built-in tiny checkpoint's FP4 experts of layer 1, as stored (never dequantized in full), through the
     Triton path, against the reference bank loaded dequantized (float32)."""
-    from moemesh.kernels import dispatch
+    from moemesh.kernels import fast_paths
     from moemesh.kernels.checkpoint import Checkpoint
     from moemesh.kernels.moe import ExpertBank
     from moemesh.kernels.packed import PackedExperts
@@ -144,10 +144,10 @@ def case_tiny_checkpoint_experts(dev, g):
     x = _rand(g, 21, cfg.hidden_size, dev=dev)
     idx = torch.randint(0, cfg.n_routed_experts, (21, cfg.num_experts_per_tok), generator=g).to(dev)
     w = (torch.rand(21, cfg.num_experts_per_tok, generator=g) + 0.1).to(dev)
-    got = _with_triton_path(dispatch, dev, lambda: bank(x, idx, w))
+    got = _with_triton_path(fast_paths, dev, lambda: bank(x, idx, w))
     bank64 = bank.double()
     bank64.packed = None
-    ref = _on_path(dispatch, "reference", lambda: bank64(x.double(), idx, w.double()))
+    ref = _on_path(fast_paths, "reference", lambda: bank64(x.double(), idx, w.double()))
     return _rel(got, ref), BOUND[torch.float32]
 
 
@@ -235,7 +235,7 @@ def case_attention_module(dev, g):
     Triton RMSNorm and sparse sink attention, the key lists built by `attention.key_lists` (never from the mask). A
     37-token prefill of sequence A, then one step holding A's next token and sequence B's 9-token first chunk; the
     float64 reference is the same checkpoint loaded in float64 on the reference path, fed the same inputs."""
-    from moemesh.kernels import dispatch, triton_attention
+    from moemesh.kernels import fast_paths, triton_attention
     from moemesh.kernels.attention import Segment
 
     model, model64 = _tiny_models(dev)
@@ -256,7 +256,7 @@ def case_attention_module(dev, g):
                 attn = m.layers[layer].attn
                 if name == "fast":
                     with _counting(triton_attention, "sparse_sink_attention", "mask_to_indices") as calls:
-                        outs.append(_with_triton_path(dispatch, dev, partial(attn, x, torch.cat(positions),
+                        outs.append(_with_triton_path(fast_paths, dev, partial(attn, x, torch.cat(positions),
                                                                              segments)))
                     assert calls == {"sparse_sink_attention": len(lens), "mask_to_indices": 0}, calls
                 else:
@@ -269,7 +269,7 @@ def case_attention_module(dev, g):
 def case_engram_modules(dev, g):
     """`EngramMemory.lookup` (Triton row gather; must equal the reference lookup exactly) and `EngramGate.forward`
     (fused v4.1 gate, against the float64 checkpoint's gate) of the tiny checkpoint's Engram layer 1."""
-    from moemesh.kernels import dispatch, triton_engram
+    from moemesh.kernels import fast_paths, triton_engram
 
     model, model64 = _tiny_models(dev)
     memory, gate = model.layers[1].engram_memory, model.layers[1].engram
@@ -278,10 +278,10 @@ def case_engram_modules(dev, g):
     ids = torch.stack([torch.randint(0, int(n), (T,), generator=g) for n in memory.sizes.cpu()], 1).to(dev)
     streams = _rand(g, T, gate.streams, gate.dim, dev=dev)
     with _counting(triton_engram, "gather_rows", "engram_gate") as calls:
-        rows = _with_triton_path(dispatch, dev, lambda: memory.lookup(ids))
-        got, state = _with_triton_path(dispatch, dev, lambda: gate(streams, rows))
+        rows = _with_triton_path(fast_paths, dev, lambda: memory.lookup(ids))
+        got, state = _with_triton_path(fast_paths, dev, lambda: gate(streams, rows))
     assert calls == {"gather_rows": 1, "engram_gate": 1} and state is None, calls
-    assert torch.equal(rows, _on_path(dispatch, "reference", lambda: memory.lookup(ids))), \
+    assert torch.equal(rows, _on_path(fast_paths, "reference", lambda: memory.lookup(ids))), \
         "Triton row gather differs from the reference lookup"
     ref, _ = model64.layers[1].engram(streams.double().cpu(), rows.double().cpu())
     return _rel(got, ref), BOUND[torch.float32]
@@ -290,7 +290,7 @@ def case_engram_modules(dev, g):
 def case_tiny_model(dev, g):
     """The whole tiny model with every dispatcher on its Triton path: a 2 x 36-token prefill, then one decode step
     per sequence, logits against the float64 checkpoint's. Every kernel family must have run."""
-    from moemesh.kernels import dispatch, triton_attention, triton_engram, triton_moe, triton_norm
+    from moemesh.kernels import fast_paths, triton_attention, triton_engram, triton_moe, triton_norm
 
     model, model64 = _tiny_models(dev)
     prompt = torch.randint(3, model.config.vocab_size, (2, 36), generator=g)
@@ -300,7 +300,7 @@ def case_tiny_model(dev, g):
         calls = [stack.enter_context(_counting(mod, *names)) for mod, names in (
             (triton_attention, ("sparse_sink_attention",)), (triton_engram, ("gather_rows", "engram_gate")),
             (triton_norm, ("rms_norm",)), (triton_moe, ("swiglu_up",)))]
-        got = [_with_triton_path(dispatch, dev, partial(model, ids.to(dev), caches=caches)) for ids in (prompt, nxt)]
+        got = [_with_triton_path(fast_paths, dev, partial(model, ids.to(dev), caches=caches)) for ids in (prompt, nxt)]
     assert all(n > 0 for c in calls for n in c.values()), calls
     ref = [model64(ids, caches=caches64) for ids in (prompt, nxt)]
     return max(_rel(a, b) for a, b in zip(got, ref)), BOUND[torch.float32]
@@ -334,19 +334,19 @@ def _counting(module, *names):
             setattr(module, name, fn)
 
 
-def _with_triton_path(dispatch, dev, fn):
+def _with_triton_path(fast_paths, dev, fn):
     """On CPU tensors (interpreter), route the dispatcher to the Triton path; on CUDA it goes there by itself."""
-    return fn() if dev.type != "cpu" else _on_path(dispatch, "triton", fn)
+    return fn() if dev.type != "cpu" else _on_path(fast_paths, "triton", fn)
 
 
-def _on_path(dispatch, path, fn):
+def _on_path(fast_paths, path, fn):
     """fn() with every dispatcher routed to `path` (on CUDA too: "reference" there gives the plain-torch oracle)."""
-    saved = dispatch._path
-    dispatch._path = lambda t: path
+    saved = fast_paths._path
+    fast_paths._path = lambda t: path
     try:
         return fn()
     finally:
-        dispatch._path = saved
+        fast_paths._path = saved
 
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16

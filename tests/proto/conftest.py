@@ -6,7 +6,7 @@ import pytest
 
 @pytest.fixture(scope="module")
 def expert_shard(tiny_model_dir):
-    from moemesh.actors.expert_shard import ExpertShard
+    from moemesh.actors.experts.shard import ExpertShard
     from moemesh.kernels.checkpoint import Checkpoint
 
     ckpt = Checkpoint(tiny_model_dir)
@@ -17,7 +17,7 @@ def expert_shard(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def engram_shard(tiny_model_dir):
-    from moemesh.actors.engram_service import EngramShard, engram_layout
+    from moemesh.actors.engram.service import EngramShard, engram_layout
     from moemesh.kernels.checkpoint import Checkpoint
 
     ckpt = Checkpoint(tiny_model_dir)

@@ -18,9 +18,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from moemesh.actors.engram_client import GrpcEngramTransport
-from moemesh.actors.engram_service import serve_engram_shard
-from moemesh.actors.expert_shard import serve_expert_shard
+from moemesh.actors.engram.client import GrpcEngramTransport
+from moemesh.actors.engram.server import serve_engram_shard
+from moemesh.actors.experts.server import serve_expert_shard
 from moemesh.proto import errors, health_pb2, health_pb2_grpc
 from moemesh.proto.auth import UNAUTHENTICATED_DETAILS, GrpcSecurity, TlsFiles
 from moemesh.proto.codec import TokenBatch

@@ -25,14 +25,16 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from moemesh.actors.dispatch import Dispatcher, ExpertMap
-from moemesh.actors.expert_shard import BatchingConfig, ExpertShard, serve_expert_shard
+from moemesh.actors.attention.token_dispatch import Dispatcher, ExpertMap
+from moemesh.actors.experts.shard import BatchingConfig, ExpertShard
+from moemesh.actors.experts.server import serve_expert_shard
 from moemesh.kernels.config import ModelConfig
 from moemesh.kernels.weights import expert_tensor_names
-from moemesh.proto import collective, errors
+from moemesh.proto import collective_link, errors
 from moemesh.proto.codec import TokenBatch
-from moemesh.proto.collective import (CollectiveShardServer, CollectiveTransport, HybridTransport, init_group,
-                                      links_from_groups)
+from moemesh.proto.collective import CollectiveShardServer, CollectiveTransport
+from moemesh.proto.collective_link import init_group
+from moemesh.proto.hybrid import HybridTransport, links_from_groups
 from moemesh.proto.transport import GrpcTransport, InProcessTransport
 
 E, K, D, I = 8, 3, 16, 8  # experts, top-k, hidden, expert width
@@ -171,7 +173,8 @@ async def _work(port: int, out_path: str) -> None:
 async def _cue(store: dist.TCPStore, transport: CollectiveTransport, shard: str) -> None:
     """Give `shard` its cue and wait until its link has ended."""
     store.set(f"test/cue/{SHARDS[shard]}", "1")
-    for _ in range(200):
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # a condition wait: poll until the link has ended
         if not await transport.health(shard, 1):
             return
         await asyncio.sleep(0.05)
@@ -209,7 +212,7 @@ def _zygote(port: int, out_path: str) -> None:
 
 def _exit_with(parent: int) -> None:
     """A forked role ends when the process that forked it is gone (nothing outlives the test)."""
-    while os.getppid() == parent:
+    while os.getppid() == parent:  # a watchdog poll: no event tells a child its parent died
         time.sleep(0.5)
     os._exit(1)
 
@@ -352,32 +355,32 @@ def test_nccl_without_cuda_is_a_clear_error():
     with pytest.raises(ValueError, match=r"backend: 'nccl' needs CUDA GPUs"):
         init_group(0, 2, "127.0.0.1", 1, "nccl")
     with pytest.raises(ValueError, match=r"backend: 'mpi' unknown"):
-        collective.check_backend("mpi")
+        collective_link.check_backend("mpi")
 
 
 def test_framing_round_trip_and_checks():
     hidden = torch.randn(3, D).to(torch.bfloat16)
     ids, weights = torch.randint(-1, E, (3, K), dtype=torch.int32), torch.rand(3, K)
-    header, parts = collective.encode(collective.REQUEST, (hidden, ids, weights), collective.REQUEST_FIELDS,
-                                      request_id=7, layer=2, step_id=5, version=-1)
+    header, parts = collective_link.encode(collective_link.REQUEST, (hidden, ids, weights),
+                                           collective_link.REQUEST_FIELDS, request_id=7, layer=2, step_id=5, version=-1)
     h = header.tolist()
-    collective.check_header(h, 1 << 20)
+    collective_link.check_header(h, 1 << 20)
     raws = [p.clone() for p in parts]  # what the receiver gets: fresh byte buffers
-    got = collective.decode(h, raws, collective.REQUEST_FIELDS)
+    got = collective_link.decode(h, raws, collective_link.REQUEST_FIELDS)
     assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(got, (hidden, ids, weights), strict=True))
     assert (h[2], h[4], h[5], h[6]) == (7, 2, 5, -1)  # request id, layer, step, expert map version
-    with pytest.raises(collective.BrokenStream, match="payload sizes"):
-        collective.check_header(h, 10)
-    with pytest.raises(collective.BrokenStream, match="not a moemesh collective header"):
-        collective.check_header([0] * collective.HEADER, 1 << 20)
+    with pytest.raises(collective_link.BrokenStream, match="payload sizes"):
+        collective_link.check_header(h, 10)
+    with pytest.raises(collective_link.BrokenStream, match="not a moemesh collective header"):
+        collective_link.check_header([0] * collective_link.HEADER, 1 << 20)
     wrong = list(h)
-    wrong[collective._P + 4 + 3] -= 4  # expert_ids says 4 bytes fewer than its shape needs
+    wrong[collective_link._P + 4 + 3] -= 4  # expert_ids says 4 bytes fewer than its shape needs
     with pytest.raises(ValueError, match=r"expert_ids\.data: 32 bytes, but shape \[3, 3\]"):
-        collective.decode(wrong, raws, collective.REQUEST_FIELDS)
+        collective_link.decode(wrong, raws, collective_link.REQUEST_FIELDS)
     with pytest.raises(ValueError, match=r"message: 3 tensors, expected 1 \(output\)"):
-        collective.decode(h, raws, collective.REPLY_FIELDS)
+        collective_link.decode(h, raws, collective_link.REPLY_FIELDS)
     with pytest.raises(ValueError, match="hidden: shape \\[16\\], expected 2 dimensions"):
-        collective.encode(collective.REQUEST, (torch.zeros(D), ids, weights), collective.REQUEST_FIELDS)
+        collective_link.encode(collective_link.REQUEST, (torch.zeros(D), ids, weights), collective_link.REQUEST_FIELDS)
 
 
 def test_error_replies_map_like_grpc():
@@ -385,11 +388,11 @@ def test_error_replies_map_like_grpc():
               "layer: 9"), (errors.Overloaded("busy"), errors.Overloaded, "busy"), (KeyError("k"), ValueError, "k"),
              (errors.Unavailable("closed"), errors.Unavailable, "closed")]
     for exc, kind, message in cases:
-        header, parts = collective._error_message(3, exc)
+        header, parts = collective_link._error_message(3, exc)
         h = header.tolist()
-        text = bytes(collective.decode(h, parts, collective.ERROR_FIELDS)[0].reshape(-1).tolist()).decode()
-        back = errors.exception_for(collective._STATUS_CODES[h[collective._STATUS]], text)
-        assert (type(back), str(back), h[collective._ID]) == (kind, message, 3)
+        text = bytes(collective_link.decode(h, parts, collective_link.ERROR_FIELDS)[0].reshape(-1).tolist()).decode()
+        back = errors.exception_for(collective_link._STATUS_CODES[h[collective_link._STATUS]], text)
+        assert (type(back), str(back), h[collective_link._ID]) == (kind, message, 3)
 
 
 if __name__ == "__main__":

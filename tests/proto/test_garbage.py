@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from moemesh.actors.engram_service import serve_engram_shard
-from moemesh.actors.expert_shard import serve_expert_shard
+from moemesh.actors.engram.server import serve_engram_shard
+from moemesh.actors.experts.server import serve_expert_shard
 from moemesh.proto import codec, health_pb2
 from moemesh.proto.auth import GrpcSecurity
 from moemesh.proto.codec import EngramLookup, TokenBatch

@@ -9,7 +9,8 @@ import contextlib
 import pytest
 import torch
 
-from moemesh.actors.expert_shard import ExpertShard, serve_expert_shard
+from moemesh.actors.experts.shard import ExpertShard
+from moemesh.actors.experts.server import serve_expert_shard
 from moemesh.kernels.config import ModelConfig
 from moemesh.kernels.moe import ExpertBank
 from moemesh.kernels.weights import expert_tensor_names
@@ -182,7 +183,7 @@ def test_grpc_retries_until_a_restarted_shard_answers():
         await server.stop(None)  # the shard is down; it comes back on the same port 0.2 s later
 
         async def restart():
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.2)  # time under test: the shard's downtime, which the retries' backoff must outlast
             return (await serve_expert_shard(shard, port=port))[0]
 
         restarting = asyncio.create_task(restart())

@@ -1,0 +1,1 @@
+"""The Engram service (shards of the tables) and its client on the attention worker."""

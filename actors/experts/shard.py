@@ -1,0 +1,244 @@
+"""Expert shard: the routed experts that a plan assigns to one process, served to every attention worker.
+
+`ExpertShard` is a plain class (no Ray, no gRPC): it holds an `ExpertBank` per MoE layer for any subset of that
+layer's experts, validates incoming `TokenBatch`es, and batches: requests for the same layer arriving within
+`max_wait_s` (or until `max_tokens` tokens are queued) run as ONE grouped expert computation, whose result is split
+back per request. Each reply is, per token, the weighted sum over the token's experts held here, so the caller
+combines shards with one add per destination. `server.serve_expert_shard` puts it behind `grpc.aio`.
+
+Shapes: n = tokens, k = expert slots per token, D = hidden, E = routed experts per layer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from moemesh.kernels.config import ModelConfig
+from moemesh.kernels.moe import ExpertBank
+from moemesh.kernels.weights import expert_tensor_names
+from moemesh.proto import errors
+from moemesh.proto.codec import FLOAT_DTYPES, INT_DTYPES, TokenBatch
+
+# (layer, expert ids) -> {canonical name: float tensor}, e.g. `Checkpoint(path).read_experts`.
+ExpertLoader = Callable[[int, Sequence[int]], Mapping[str, torch.Tensor]]
+
+
+class BatchingConfig(BaseModel):
+    """How an expert shard groups requests into computations."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    max_wait_s: float = Field(0.002, ge=0, description="How long a layer's first queued request waits for others.")
+    max_tokens: int = Field(4096, gt=0, description="A layer's queue runs as soon as it holds this many tokens.")
+    max_pending_tokens: int = Field(
+        1 << 18, gt=0, description="Accepted-but-unanswered tokens beyond which new requests get Overloaded "
+                                   "(RESOURCE_EXHAUSTED); a request arriving when nothing is pending is always taken.")
+
+
+@dataclass
+class ShardCounters:
+    """Plain counters for metrics. bytes_* count tensor payload bytes (hidden + ids + weights in, output out)."""
+
+    requests: int = 0  # accepted (valid, not refused)
+    batches: int = 0  # grouped expert computations run
+    tokens: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    rejected: int = 0  # requests refused as Overloaded
+    tokens_per_expert: dict[int, dict[int, int]] = field(default_factory=dict)  # layer -> expert id -> tokens
+
+
+@dataclass
+class _Queue:
+    """Requests of one layer waiting to run together."""
+
+    entries: list[tuple[TokenBatch, asyncio.Future]] = field(default_factory=list)
+    tokens: int = 0
+    timer: asyncio.TimerHandle | None = None
+
+
+def load_banks(cfg: ModelConfig, assignment: Mapping[int, Sequence[int]], loader: ExpertLoader,
+               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> dict[int, ExpertBank]:
+    """{layer: expert ids} -> {layer: ExpertBank} filled from `loader(layer, ids)`; errors name the tensor or layer."""
+    banks = {}
+    for layer, ids in sorted(assignment.items()):
+        if not 0 <= layer < cfg.num_hidden_layers:
+            raise ValueError(f"assignment: layer {layer} out of range 0..{cfg.num_hidden_layers - 1}")
+        bad = [e for e in ids if not 0 <= e < cfg.n_routed_experts]
+        if not ids or bad:
+            raise ValueError(f"assignment[{layer}]: expert ids must be a non-empty subset of "
+                             f"0..{cfg.n_routed_experts - 1}, got {list(ids)}")
+        bank = ExpertBank(cfg, ids).requires_grad_(False)
+        tensors = loader(layer, bank.expert_ids)
+        for slot, expert in enumerate(bank.expert_ids):
+            for part, name in zip(("w1", "w2", "w3"), expert_tensor_names(layer, expert)):
+                if name not in tensors:
+                    raise ValueError(f"{name}: missing from the loaded tensors")
+                dest, t = getattr(bank, part)[slot], tensors[name]
+                if tuple(t.shape) != tuple(dest.shape):
+                    raise ValueError(f"{name}: shape {list(t.shape)}, expected {list(dest.shape)}")
+                dest.copy_(t)
+        banks[layer] = bank.to(device=device, dtype=dtype).eval()
+    return banks
+
+
+class ExpertShard:
+    """Routed experts of some MoE layers, with request batching. Use from one event loop.
+
+    `dispatch` is the whole API for callers; `counters` and `health` are for metrics and health checks."""
+
+    def __init__(self, cfg: ModelConfig, banks: Mapping[int, ExpertBank], *, expert_map_version: int = 0,
+                 batching: BatchingConfig | None = None):
+        self.cfg, self.banks = cfg, dict(banks)
+        self.expert_map_version = expert_map_version
+        self.batching = batching or BatchingConfig()
+        self.counters = ShardCounters(tokens_per_expert={layer: {} for layer in self.banks})
+        self._queues: dict[int, _Queue] = {}
+        self._pending_tokens = 0
+        self._tasks: set[asyncio.Task] = set()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-shard")
+        self._closed = False
+
+    @classmethod
+    def from_loader(cls, cfg: ModelConfig, assignment: Mapping[int, Sequence[int]], loader: ExpertLoader, *,
+                    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", **kw) -> "ExpertShard":
+        """Load the experts `{layer: [expert ids]}` through `loader(layer, ids) -> {canonical name: tensor}`."""
+        return cls(cfg, load_banks(cfg, assignment, loader, dtype, device), **kw)
+
+    @classmethod
+    def from_tensors(cls, cfg: ModelConfig, assignment: Mapping[int, Sequence[int]],
+                     tensors: Mapping[str, torch.Tensor], **kw) -> "ExpertShard":
+        """Take the experts `{layer: [expert ids]}` from a dict of canonical name -> tensor (extra names ignored)."""
+        return cls.from_loader(cfg, assignment, lambda layer, ids: tensors, **kw)
+
+    @property
+    def assignment(self) -> dict[int, list[int]]:
+        """{layer: expert ids held}."""
+        return {layer: list(bank.expert_ids) for layer, bank in self.banks.items()}
+
+    @property
+    def serving(self) -> bool:
+        return not self._closed
+
+    async def dispatch(self, batch: TokenBatch) -> torch.Tensor:
+        """-> [n, D] in `batch.hidden`'s dtype: per token, Σ over its experts held here of weight · expert(hidden).
+
+        Raises NotHeld (layer not held), StaleExpertMap, ValueError (malformed field, named), Overloaded,
+        Unavailable (closed)."""
+        if self._closed:
+            raise errors.Unavailable("expert shard is closed")
+        self._validate(batch)
+        n, limit = batch.n_tokens, self.batching.max_pending_tokens
+        if self._pending_tokens and self._pending_tokens + n > limit:
+            self.counters.rejected += 1
+            raise errors.Overloaded(f"expert shard has {self._pending_tokens} tokens pending (limit {limit}); "
+                                    f"cannot take {n} more")
+        self.counters.requests += 1
+        self.counters.bytes_in += batch.nbytes
+        if n == 0:
+            return torch.zeros(0, self.cfg.hidden_size, dtype=batch.hidden.dtype)
+        self._pending_tokens += n
+        try:
+            out = await self._enqueue(batch)
+        finally:
+            self._pending_tokens -= n
+        self.counters.bytes_out += out.numel() * out.element_size()
+        return out
+
+    def _validate(self, batch: TokenBatch) -> None:
+        if batch.layer not in self.banks:
+            raise errors.NotHeld(f"layer: {batch.layer} is not held by this shard (holds {sorted(self.banks)})")
+        if batch.expert_map_version < self.expert_map_version:  # routed by a map made before this shard joined
+            raise errors.StaleExpertMap(f"expert_map_version: request routed with {batch.expert_map_version}, "
+                                        f"this shard serves maps from {self.expert_map_version} on")
+        D, E = self.cfg.hidden_size, self.cfg.n_routed_experts
+        hidden, ids, weights = batch.hidden, batch.expert_ids, batch.weights
+        _check(hidden, "hidden", FLOAT_DTYPES, hidden.dim() == 2 and hidden.shape[1] == D, f"[n, {D}]")
+        n = hidden.shape[0]
+        _check(ids, "expert_ids", INT_DTYPES, ids.dim() == 2 and ids.shape[0] == n, f"[{n}, k]")
+        _check(weights, "weights", ("float32",), weights.shape == ids.shape, f"{list(ids.shape)} (as expert_ids)")
+        if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= E):
+            raise ValueError(f"expert_ids: values must lie in [-1, {E}), got min {int(ids.min())} "
+                             f"max {int(ids.max())}")
+
+    def _enqueue(self, batch: TokenBatch) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        queue = self._queues.setdefault(batch.layer, _Queue())
+        future = loop.create_future()
+        queue.entries.append((batch, future))
+        queue.tokens += batch.n_tokens
+        if queue.tokens >= self.batching.max_tokens:
+            self._flush(batch.layer)
+        elif queue.timer is None:
+            queue.timer = loop.call_later(self.batching.max_wait_s, self._flush, batch.layer)
+        return future
+
+    def _flush(self, layer: int) -> None:
+        queue = self._queues.pop(layer, None)
+        if queue is None:
+            return
+        if queue.timer is not None:
+            queue.timer.cancel()
+        task = asyncio.get_running_loop().create_task(self._run(layer, queue.entries))
+        self._tasks.add(task)  # keep a reference until done
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, layer: int, entries: list[tuple[TokenBatch, asyncio.Future]]) -> None:
+        batches = [b for b, _ in entries]
+        loop = asyncio.get_running_loop()
+        try:  # in a worker thread: the event loop keeps taking requests (they form the next batch) meanwhile
+            outputs, per_expert = await loop.run_in_executor(self._executor, self._compute, layer, batches)
+        except Exception as exc:  # noqa: BLE001 - handed to every waiting caller
+            for _, future in entries:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        self.counters.batches += 1
+        self.counters.tokens += sum(b.n_tokens for b in batches)
+        seen = self.counters.tokens_per_expert[layer]
+        for expert, count in per_expert.items():
+            seen[expert] = seen.get(expert, 0) + count
+        for (_, future), out in zip(entries, outputs):
+            if not future.done():  # the caller may have given up (cancelled RPC)
+                future.set_result(out)
+
+    @torch.no_grad()
+    def _compute(self, layer: int, batches: list[TokenBatch]) -> tuple[list[torch.Tensor], dict[int, int]]:
+        """One grouped computation over the concatenated requests -> (output per request, tokens per expert)."""
+        bank = self.banks[layer]
+        device, dtype = bank.w1.device, bank.w1.dtype
+        k = max(b.expert_ids.shape[1] for b in batches)  # requests may carry fewer slots: pad with empty ones
+        x = torch.cat([b.hidden.to(device, dtype) for b in batches])  # [N, D]
+        ids = torch.cat([F.pad(b.expert_ids.long(), (0, k - b.expert_ids.shape[1]), value=-1) for b in batches])
+        w = torch.cat([F.pad(b.weights, (0, k - b.weights.shape[1])) for b in batches])  # [N, k]
+        y = bank(x, ids.to(device), w.to(device))  # [N, D]
+        slots = bank.slot_of[ids.reshape(-1).to(device)]
+        counts = torch.bincount(slots[slots >= 0], minlength=len(bank.expert_ids)).tolist()
+        per_expert = {e: c for e, c in zip(bank.expert_ids, counts) if c}
+        parts = y.split([b.n_tokens for b in batches])
+        return [p.to("cpu", b.hidden.dtype) for p, b in zip(parts, batches)], per_expert
+
+    def health(self) -> str:
+        """One line for health checks and logs."""
+        layers = {layer: len(bank.expert_ids) for layer, bank in sorted(self.banks.items())}
+        return (f"{'serving' if self.serving else 'closed'}; experts per layer {layers}; "
+                f"{self._pending_tokens} tokens pending")
+
+    def close(self) -> None:
+        """Stop taking requests (they get Unavailable) and release the worker thread."""
+        self._closed = True
+        self._executor.shutdown(wait=False)
+
+
+def _check(t: torch.Tensor, name: str, dtypes: tuple[str, ...], shape_ok: bool, expected: str) -> None:
+    dtype = str(t.dtype).removeprefix("torch.")
+    if dtype not in dtypes:
+        raise ValueError(f"{name}: dtype {dtype} not allowed; expected one of {list(dtypes)}")
+    if not shape_ok:
+        raise ValueError(f"{name}: shape {list(t.shape)}, expected {expected}")

@@ -1,0 +1,110 @@
+"""A request from the HTTP edge to the sampler: one parameters type (`RequestParams`, built by the ingress, carried to
+the attention worker, turned into `SamplingParams` there), what a worker streams back (`Delta`: token ids only; the
+ingress is the one place that detokenizes), and the one check of token ids against a vocabulary.
+
+No tensors and no I/O: the ingress (actors/ingress/) and the attention worker (actors/attention/) both import this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from moemesh.kernels.sampling import SamplingParams
+
+FinishReason = Literal["stop", "length", "abort"]
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256
+MAX_STOP_TOKEN_IDS = 64
+
+
+class RequestParams(BaseModel):
+    """How one request generates. Defaults are greedy (as `DeepseekV4.generate`); the OpenAI front maps its own
+    defaults explicitly."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_tokens: int = Field(16, ge=1, description="Most new tokens to generate (the context may end it sooner).")
+    temperature: float = Field(0.0, ge=0, description="Softmax temperature; 0 = greedy.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: keep the smallest set holding this mass.")
+    top_k: int = Field(0, ge=0, description="Keep the k most likely tokens; 0 = off.")
+    seed: int | None = Field(None, ge=0, lt=2**63, description="Seed of this request's own random generator, so its "
+                                                                 "samples do not depend on the batch it runs in.")
+    stop: list[str] = Field(default_factory=list, description=f"Stop as soon as the text contains one of these (at "
+                            f"most {MAX_STOP_STRINGS}, each 1..{MAX_STOP_LENGTH} chars); the text excludes it.")
+    stop_token_ids: list[int] = Field(default_factory=list, description="Token ids that end the request (besides "
+                                      "the model's eos); their text is not returned.")
+    ignore_eos: bool = Field(False, description="Keep generating past the model's eos token.")
+    replay_chunks: list[int] = Field(default_factory=list, description="A request moved from a lost worker: the "
+                                     "chunks its prompt tokens were fed in there (the original prompt, then one per "
+                                     "generated token); fed the same way here so the continuation is exact. Empty: "
+                                     "a new request.")
+
+    @field_validator("replay_chunks")
+    @classmethod
+    def _positive_chunks(cls, v: list[int]) -> list[int]:
+        if any(k < 1 for k in v):
+            raise ValueError(f"replay_chunks: every chunk needs 1 or more tokens, got {v[:8]}")
+        return v
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_list(cls, v):
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stop(cls, v: list[str]) -> list[str]:
+        if len(v) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(v)}")
+        for s in v:
+            if not 1 <= len(s) <= MAX_STOP_LENGTH:
+                shown = s if len(s) <= 40 else s[:40] + "..."
+                raise ValueError(f"each stop string needs 1..{MAX_STOP_LENGTH} chars, got {len(s)}: {shown!r}")
+        return v
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _bounded_stop_ids(cls, v: list[int]) -> list[int]:
+        if len(v) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"at most {MAX_STOP_TOKEN_IDS} stop token ids, got {len(v)}")
+        bad = [t for t in v if t < 0]
+        if bad:
+            raise ValueError(f"token ids are >= 0, got {bad}")
+        return v
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed)
+
+
+@dataclass(frozen=True)
+class Delta:
+    """What a worker streams for one sequence: its new token ids since the last delta. Text is the ingress's job
+    (stop strings included: it cuts there and aborts the sequence). `finish_reason` is set on the last delta and only
+    there ("stop" from a worker: a stop token, eos or one of `stop_token_ids`, ended the sequence). `completion_tokens`:
+    the cumulative count as the worker sees it; when given it is what `usage` reports, otherwise the ingress counts the
+    ids it received. `prompt_tokens` is informational: the ingress always reports the prompt it tokenized (a worker that
+    re-prefilled after a failover sees more)."""
+
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+def check_token_ids(ids: Iterable[int], vocab_size: int, param: str) -> list[int]:
+    """`ids` as a list of ints, or ValueError naming `param` and the first bad ids when one is not an integer in
+    [0, vocab_size). The one token-id check: the ingress (HTTP 400) and the engine (a request from any other client)
+    both call it."""
+    out, bad = [], []
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+            bad.append(t)
+        else:
+            out.append(t)
+    if bad:
+        raise ValueError(f"{param}: token ids must be integers in [0, {vocab_size}), got {bad[:5]}")
+    return out

@@ -1,0 +1,1 @@
+"""Benchmarks behind `moemesh bench ...` and the writer of docs/benchmarks.md."""

@@ -1,0 +1,2 @@
+"""The placement planner: topology + model shape + expert loads -> Plan, its cost model, baselines and report. Pure: no
+Ray, no gRPC."""

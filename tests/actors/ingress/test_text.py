@@ -1,0 +1,97 @@
+"""TextCodec: prompt tokenization, chat templates (the checkpoint's, a named list, the default, rejection),
+incremental detokenization that never splits a character, stop-string cutting."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from moemesh.actors.ingress.protocol import ChatMessage, OpenAIError
+from moemesh.actors.ingress.text import DEFAULT_CHAT_TEMPLATE, StopCutter, TextCodec
+
+TEXT = " Hello world! The expert mesh 😀 routes every token, ünïcödé and 中文 too."
+
+
+@pytest.fixture(scope="module")
+def codec(tiny_model_dir) -> TextCodec:
+    return TextCodec.from_checkpoint(tiny_model_dir)
+
+
+def with_tokenizer_config(tiny_model_dir, tmp_path, **cfg):
+    shutil.copy(tiny_model_dir / "tokenizer.json", tmp_path / "tokenizer.json")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return TextCodec.from_checkpoint(tmp_path)
+
+
+def test_encode_decode(codec):
+    ids = codec.encode(TEXT)
+    assert ids[0] == 0 and codec.decode(ids) == TEXT  # the tiny tokenizer prepends <bos>; decode skips it
+    assert codec.vocab_size == 512
+
+
+def test_incremental_decoding_never_splits_a_character(codec):
+    ids = codec.tokenizer.encode(TEXT, add_special_tokens=False).ids
+    decoder = codec.decoder()
+    pieces = [decoder.push([t]) for t in ids] + [decoder.flush()]
+    assert "".join(pieces) == TEXT
+    assert all("\ufffd" not in p for p in pieces) and "" in pieces  # multi-byte characters waited for their tokens
+
+
+def test_flush_returns_a_partial_character(codec):
+    ids = codec.tokenizer.encode("😀", add_special_tokens=False).ids
+    assert len(ids) > 1
+    decoder = codec.decoder()
+    assert decoder.push(ids[:1]) == "" and decoder.flush() == "\ufffd"
+
+
+def test_chat_templates(codec, tiny_model_dir, tmp_path):
+    messages = [ChatMessage(role="system", content="S"), ChatMessage(role="user", content="U")]
+    assert codec.render_chat(messages) == "<bos>System: S\n\nUser: U\n\nAssistant:"  # the tiny checkpoint's template
+    assert codec.encode_chat(messages) == codec.tokenizer.encode(codec.render_chat(messages),
+                                                                 add_special_tokens=False).ids
+    default = with_tokenizer_config(tiny_model_dir, tmp_path, bos_token={"content": "<bos>"}, eos_token="<eos>")
+    assert default.chat_template == DEFAULT_CHAT_TEMPLATE
+    assert default.render_chat(messages) == "<bos>system: S\nuser: U\nassistant:"
+    assert default.encode_chat(messages)[0] == 0  # the template's <bos> is the special token, written once
+
+
+def test_named_and_rejecting_templates(tiny_model_dir, tmp_path):
+    strict = ("{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+              "{{ m.content | tojson }}{% endfor %}")
+    codec = with_tokenizer_config(tiny_model_dir, tmp_path, chat_template=[
+        {"name": "tool_use", "template": "x"}, {"name": "default", "template": strict}])
+    assert codec.render_chat([ChatMessage(role="user", content="é")]) == '"é"'
+    with pytest.raises(OpenAIError, match="no system role") as e:
+        codec.render_chat([ChatMessage(role="system", content="x")])
+    assert (e.value.status, e.value.param) == (400, "messages")
+
+
+def test_template_sandbox(tiny_model_dir, tmp_path):
+    codec = with_tokenizer_config(tiny_model_dir, tmp_path, chat_template="{{ messages.__class__.__mro__ }}")
+    with pytest.raises(OpenAIError):
+        codec.render_chat([ChatMessage(role="user", content="x")])
+
+
+def test_missing_tokenizer(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        TextCodec.from_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("pieces,stop,sent,text,stopped", [
+    (["Hel", "lo wor", "ld"], ["world"], ["", "Hello", ""], "Hello ", True),  # 4 characters wait
+    (["ab", "cd"], ["xyz"], ["", "ab"], "abcd", False),
+    (["a STOP b"], ["STOP", "a S"], [""], "", True),  # the earliest match wins
+    (["x", "y"], [], ["x", "y"], "xy", False),
+])
+def test_stop_cutter(pieces, stop, sent, text, stopped):
+    cutter = StopCutter(stop)
+    found, out = False, []
+    for p in pieces:
+        found = cutter.add(p)
+        out.append(cutter.release())
+        if found:
+            break
+    assert out == sent and found == stopped
+    assert "".join(out) + cutter.release(final=True) == text
