@@ -36,7 +36,7 @@ from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client import Counter as PromCounter
 
 from moemesh.cluster.control.policy import (AutoscalingConfig, Decision, Key, LoadMeter, ReplicaActor,
-                                            change_replicas, decide_holders)
+                                            Wanted, change_replicas, decide_holders)
 
 log = logging.getLogger("moemesh.controller")
 
@@ -80,8 +80,8 @@ class ControllerMetrics:
                               ["layer", "expert"], registry=registry)
         self.rate = Gauge("moemesh:expert_token_rate", "Tokens per second routed to each expert (trailing window).",
                           ["layer", "expert"], registry=registry)
-        self.decisions = PromCounter("moemesh:autoscaler_decisions", "Holder-count changes applied, by action.",
-                                     ["action"], registry=registry)
+        self.decisions = PromCounter("moemesh:autoscaler_decisions", "Holder-count changes applied, by action and "
+                                     "cause.", ["action", "cause"], registry=registry)
         self.pending = Gauge("moemesh:autoscaler_pending_replicas", "Replica actors started but not yet serving "
                              "(waiting for resources or loading weights).", registry=registry)
         self.version = Gauge("moemesh:expert_map_version", "Expert map version installed by the controller.",
@@ -191,8 +191,8 @@ class ExpertController:
             await self._drop_dead()
             holders = self.holders()
             decided = decide_holders(self.cfg, rates, holders, now, self._last_up, self._last_down, self.base)
-            want, why = {k: n for k, (n, _) in decided.items()}, {k: r for k, (_, r) in decided.items()}
-            decisions = await self._apply(want, rates, holders, now, why) if want else []
+            want = {k: w.holders for k, w in decided.items()}
+            decisions = await self._apply(want, rates, holders, now, decided) if want else []
             stale = [n for n, s in states.items() if s["version"] < self.version]
             if stale and not decisions:
                 await self._install(only=stale)
@@ -200,7 +200,7 @@ class ExpertController:
             return decisions
 
     async def _apply(self, want: dict[Key, int], rates: dict[Key, float], holders: dict[Key, int],
-                     now: float, why: dict[Key, str]) -> list[Decision]:
+                     now: float, decided: dict[Key, Wanted]) -> list[Decision]:
         want_extra = {k: n - self.base[k] for k, n in want.items()}
         active, new_sets = change_replicas(list(self.actors.values()), want_extra, self.cfg.experts_per_actor,
                                            rates)
@@ -222,11 +222,14 @@ class ExpertController:
                 continue
             grew = after[key] > holders[key]
             action = "rebalance" if self.cfg.mode == "rebalance" else ("add" if grew else "remove")
-            reason = why.get(key, f"{rates.get(key, 0.0):.1f} tok/s over {holders[key]} holder(s)")
-            d = Decision(time.time(), action, key[0], key[1], holders[key], after[key], rates.get(key, 0.0), reason)
+            wanted = decided.get(key)
+            reason = wanted.reason if wanted else f"{rates.get(key, 0.0):.1f} tok/s over {holders[key]} holder(s)"
+            cause = wanted.cause if wanted else "rate"
+            d = Decision(time.time(), action, key[0], key[1], holders[key], after[key], rates.get(key, 0.0), reason,
+                         cause)
             (self._last_up if grew else self._last_down)[key] = now
             self.decisions.append(d)
-            self.metrics.decisions.labels(action).inc()
+            self.metrics.decisions.labels(action, cause).inc()
             log.info("expert map v%d: layer %d expert %d %s %d -> %d holders (%s)", version, key[0], key[1],
                      action, holders[key], after[key], reason)
             decisions.append(d)

@@ -9,7 +9,7 @@ import math
 from collections import Counter, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -113,21 +113,31 @@ class Decision:
     holders_to: int
     rate: float
     reason: str
+    cause: str = "rate"  # the metric label (`Wanted.cause`)
+
+
+class Wanted(NamedTuple):
+    """What the policy wants for one expert: its holder count, why in words, and the cause as one metric label
+    (`rate`, `no_load`, `min_replicas`, `max_replicas`, `cap`, `swap`, `budget_lowered`, `rebalance`)."""
+
+    holders: int
+    reason: str
+    cause: str
 
 
 def wanted_holders(cfg: AutoscalingConfig, rates: Mapping[Key, float], holders: Mapping[Key, int],
                    now: float, last_up: Mapping[Key, float], last_down: Mapping[Key, float],
                    base: Mapping[Key, int] | None = None) -> dict[Key, int]:
     """Holders wanted per (layer, expert) whose count should change (see `decide_holders`, which also says why)."""
-    return {k: n for k, (n, _) in decide_holders(cfg, rates, holders, now, last_up, last_down, base).items()}
+    return {k: w.holders for k, w in decide_holders(cfg, rates, holders, now, last_up, last_down, base).items()}
 
 
 def decide_holders(cfg: AutoscalingConfig, rates: Mapping[Key, float], holders: Mapping[Key, int],
                    now: float, last_up: Mapping[Key, float], last_down: Mapping[Key, float],
-                   base: Mapping[Key, int] | None = None) -> dict[Key, tuple[int, str]]:
-    """{(layer, expert): (holders wanted, why)} for the keys of `holders` (the current counts, base copies included)
-    whose count should change, from `rates` (tokens/s). `base`: copies the base shards hold (default 1 each); never
-    asked to go below them, and only holders beyond them count against `max_total_replicas`. Pure.
+                   base: Mapping[Key, int] | None = None) -> dict[Key, Wanted]:
+    """{(layer, expert): Wanted(holders, reason, cause)} for the keys of `holders` (the current counts, base copies
+    included) whose count should change, from `rates` (tokens/s). `base`: copies the base shards hold (default 1 each);
+    never asked to go below them, and only holders beyond them count against `max_total_replicas`. Pure.
 
     autoscale: an expert grows when its rate exceeds its holders' target by `hysteresis` (at most every
     `upscale_cooldown_s`, counted from its last change either way) and shrinks when one holder fewer would still be
@@ -137,13 +147,14 @@ def decide_holders(cfg: AutoscalingConfig, rates: Mapping[Key, float], holders: 
     steady load the set converges (docs/autoscaling.md)."""
     base = {k: (base or {}).get(k, 1) for k in holders}
     if cfg.mode == "rebalance":
-        return {k: (n, f"rebalance: {rates.get(k, 0.0):.1f} tok/s; water-filled budget of {cfg.max_total_replicas} "
-                       f"extra replicas ({holders[k]} -> {n} holders)")
+        return {k: Wanted(n, f"rebalance: {rates.get(k, 0.0):.1f} tok/s; water-filled budget of "
+                             f"{cfg.max_total_replicas} extra replicas ({holders[k]} -> {n} holders)", "rebalance")
                 for k, n in _rebalance(cfg, rates, holders, base).items()}
     total_rate = sum(rates.values())
     target, h = cfg.target_tokens_per_replica_s, cfg.hysteresis
     want: dict[Key, int] = {}
     why: dict[Key, str] = {}
+    cause: dict[Key, str] = {}
     for key, cur in holders.items():
         rate = rates.get(key, 0.0)
         floor, ceiling = max(cfg.min_replicas, base[key]), max(cfg.max_replicas, base[key])
@@ -151,31 +162,33 @@ def decide_holders(cfg: AutoscalingConfig, rates: Mapping[Key, float], holders: 
         need = min(max(raw, floor), ceiling)
         last_change = max(last_up.get(key, -math.inf), last_down.get(key, -math.inf))
         if cur < floor:
-            want[key], why[key] = floor, f"below min_replicas={cfg.min_replicas}"
+            want[key], why[key], cause[key] = floor, f"below min_replicas={cfg.min_replicas}", "min_replicas"
         elif cur > ceiling:
-            want[key], why[key] = ceiling, f"above max_replicas={cfg.max_replicas}"
+            want[key], why[key], cause[key] = ceiling, f"above max_replicas={cfg.max_replicas}", "max_replicas"
         elif need > cur and total_rate >= cfg.min_rate and rate > target * cur * (1 + h) \
                 and now - last_change >= cfg.upscale_cooldown_s:
-            want[key] = need
+            want[key], cause[key] = need, "rate"
             why[key] = (f"{rate:.1f} tok/s over {cur} holder(s) > target {target:g} tok/s per holder x {1 + h:g}"
                         + (f"; max_replicas={cfg.max_replicas} caps it at {need}" if raw > need else ""))
         elif need < cur and rate < target * (cur - 1) * (1 - h) and now - last_change >= cfg.downscale_cooldown_s:
-            want[key] = need
+            want[key], cause[key] = need, "rate" if rate > 0 else "no_load"
             why[key] = (f"no load: back to {need}" if rate <= 0 else
                         f"{rate:.1f} tok/s fits {need} holder(s): below the {target * (cur - 1) * (1 - h):.0f} tok/s "
                         f"that {cur - 1} holder(s) carry at the target less hysteresis {h:g}")
-    final = _within_budget(cfg, rates, holders, want, base, now, last_up, why)
-    return {k: (n, why[k]) for k, n in final.items()}
+    final = _within_budget(cfg, rates, holders, want, base, now, last_up, why, cause)
+    return {k: Wanted(n, why[k], cause[k]) for k, n in final.items()}
 
 
 def _within_budget(cfg: AutoscalingConfig, rates: Mapping[Key, float], holders: Mapping[Key, int],
                    want: dict[Key, int], base: Mapping[Key, int], now: float = math.inf,
-                   last_up: Mapping[Key, float] | None = None, why: dict[Key, str] | None = None) -> dict[Key, int]:
+                   last_up: Mapping[Key, float] | None = None, why: dict[Key, str] | None = None,
+                   cause: dict[Key, str] | None = None) -> dict[Key, int]:
     """Cut extra replicas (holders beyond the base copies) to `max_total_replicas`, one at a time, always the holder
     that carries the least load (rate / holders). A running holder counts its load x (1 + hysteresis) and one added
     less than `downscale_cooldown_s` ago is not cut at all, unless the budget was lowered below what runs (then the
     least loaded go, whatever their age). `why` gets the reason of every change the cap causes."""
     why = why if why is not None else {}
+    cause = cause if cause is not None else {}
     last_up = last_up or {}
     final = {**holders, **want}
     cap = cfg.max_total_replicas
@@ -201,15 +214,18 @@ def _within_budget(cfg: AutoscalingConfig, rates: Mapping[Key, float], holders: 
     for key, load in cut:
         if key in out and out[key] > holders[key] and out[key] < want.get(key, 0):
             why[key] = f"{why.get(key, '')}; max_total_replicas={cap} binds: {out[key]} of the {want[key]} wanted"
+            cause[key] = "cap"
         elif key in out and out[key] < holders[key] and lowered:
             why[key] = (f"max_total_replicas={cap} is below the {sum(n - base[k] for k, n in holders.items())} "
                         f"extra replicas running: the holder carrying least load goes ({load:.1f} tok/s)")
+            cause[key] = "budget_lowered"
         elif key in out and out[key] < holders[key]:
             winner = grown[0] if grown else None
             beat = (f" for layer {winner[0]} expert {winner[1]} ({rates.get(winner, 0.0) / out[winner]:.1f} tok/s per "
                     f"holder)" if winner else "")
             why[key] = (f"swapped out{beat}: max_total_replicas={cap} binds and this holder carries {load:.1f} tok/s, "
                         f"less than the newcomer by more than hysteresis {cfg.hysteresis:g}")
+            cause[key] = "swap"
     return out
 
 

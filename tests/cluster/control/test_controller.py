@@ -296,8 +296,8 @@ def _simulate(cfg: AutoscalingConfig, rates_at, keys: list, ticks: int, every_s:
     history, changes = [], []
     for t in range(ticks):
         now = t * every_s
-        for key, (n, reason) in decide_holders(cfg, rates_at(t), holders, now, last_up, last_down).items():
-            changes.append((t, key, holders[key], n, reason))
+        for key, (n, reason, cause) in decide_holders(cfg, rates_at(t), holders, now, last_up, last_down).items():
+            changes.append((t, key, holders[key], n, reason, cause))
             (last_up if n > holders[key] else last_down)[key] = now
             holders[key] = n
         assert sum(n - 1 for n in holders.values()) <= cfg.max_total_replicas
@@ -343,9 +343,10 @@ def test_a_slowly_drifting_load_changes_the_set_only_when_the_ranking_really_cha
     history, changes = _simulate(CAPPED, drifting, KEYS, ticks=300)
     first = history[29]
     later = [c for c in changes if c[0] >= 30]
-    swaps = [c for c in later if "swapped out" in c[4]]
+    swaps = [c for c in later if c[5] == "swap"]
+    assert all("swapped out" in c[4] for c in swaps)
     assert swaps and all(k != rising for _, k, *_ in swaps)  # the ranking changed: holders made room for the riser
-    for t, key, before, after, _ in swaps:
+    for t, key, before, after, *_ in swaps:
         rates = drifting(t)
         assert rates[rising] / history[t][rising] > (1 + CAPPED.hysteresis) * rates[key] / before, (t, key)
     assert history[-1][rising] > 1
@@ -366,7 +367,8 @@ def test_every_decision_says_why_in_words():
     running = {(0, 0): 1, (0, 1): 3, (0, 2): 1}
     hot = {(0, 0): 2000.0, (0, 1): 300.0, (0, 2): 10.0}
     got = decide_holders(cfg, hot, running, now=1000, last_up={(0, 1): 0.0}, last_down={})
-    assert got[(0, 1)][0] < 3 and "swapped out for layer 0 expert 0" in got[(0, 1)][1]
+    assert got[(0, 1)].holders < 3 and "swapped out for layer 0 expert 0" in got[(0, 1)].reason
+    assert (got[(0, 1)].cause, got[(0, 0)].cause) == ("swap", "cap")
     assert "max_total_replicas=2 binds" in got[(0, 1)][1]
     # a recently added holder is not swapped out (cooldown), a lowered budget names itself
     assert (0, 1) not in decide_holders(cfg, hot, running, now=30, last_up={(0, 1): 0.0}, last_down={})
