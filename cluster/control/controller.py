@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import sys
 import time
 from collections import Counter, deque
 from collections.abc import Mapping, Sequence
@@ -34,17 +35,24 @@ from typing import Protocol
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client import Counter as PromCounter
 
-from moemesh.cluster.control.policy import (
-    AutoscalingConfig,
-    Decision,
-    Key,
-    LoadMeter,
-    ReplicaActor,
-    change_replicas,
-    wanted_holders,
-)
+from moemesh.cluster.control.policy import (AutoscalingConfig, Decision, Key, LoadMeter, ReplicaActor,
+                                            Wanted, change_replicas, decide_holders)
 
 log = logging.getLogger("moemesh.controller")
+
+
+def log_decisions(stream=None) -> logging.Logger:
+    """Send the controller's INFO lines (every decision with its reason, replica starts) to `stream` (default
+    stderr). Inside a Ray Serve replica nothing sets this logger's level, so INFO would be dropped; there, stderr
+    reaches the replica's log file and the driver's output (`moemesh serve`). Idempotent."""
+    log.setLevel(logging.INFO)
+    if not any(getattr(h, "moemesh_decisions", False) for h in log.handlers):
+        handler = logging.StreamHandler(stream or sys.stderr)
+        handler.moemesh_decisions = True
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False  # a root handler would print the same line twice
+    return log
 
 
 # ---- the controller --------------------------------------------------------------------------------------------------
@@ -72,8 +80,8 @@ class ControllerMetrics:
                               ["layer", "expert"], registry=registry)
         self.rate = Gauge("moemesh:expert_token_rate", "Tokens per second routed to each expert (trailing window).",
                           ["layer", "expert"], registry=registry)
-        self.decisions = PromCounter("moemesh:autoscaler_decisions", "Holder-count changes applied, by action.",
-                                     ["action"], registry=registry)
+        self.decisions = PromCounter("moemesh:autoscaler_decisions", "Holder-count changes applied, by action and "
+                                     "cause.", ["action", "cause"], registry=registry)
         self.pending = Gauge("moemesh:autoscaler_pending_replicas", "Replica actors started but not yet serving "
                              "(waiting for resources or loading weights).", registry=registry)
         self.version = Gauge("moemesh:expert_map_version", "Expert map version installed by the controller.",
@@ -182,8 +190,9 @@ class ExpertController:
             rates = self.meter.rates()
             await self._drop_dead()
             holders = self.holders()
-            want = wanted_holders(self.cfg, rates, holders, now, self._last_up, self._last_down, self.base)
-            decisions = await self._apply(want, rates, holders, now) if want else []
+            decided = decide_holders(self.cfg, rates, holders, now, self._last_up, self._last_down, self.base)
+            want = {k: w.holders for k, w in decided.items()}
+            decisions = await self._apply(want, rates, holders, now, decided) if want else []
             stale = [n for n, s in states.items() if s["version"] < self.version]
             if stale and not decisions:
                 await self._install(only=stale)
@@ -191,7 +200,7 @@ class ExpertController:
             return decisions
 
     async def _apply(self, want: dict[Key, int], rates: dict[Key, float], holders: dict[Key, int],
-                     now: float) -> list[Decision]:
+                     now: float, decided: dict[Key, Wanted]) -> list[Decision]:
         want_extra = {k: n - self.base[k] for k, n in want.items()}
         active, new_sets = change_replicas(list(self.actors.values()), want_extra, self.cfg.experts_per_actor,
                                            rates)
@@ -213,13 +222,14 @@ class ExpertController:
                 continue
             grew = after[key] > holders[key]
             action = "rebalance" if self.cfg.mode == "rebalance" else ("add" if grew else "remove")
-            reason = (f"{rates.get(key, 0.0):.1f} tok/s over {holders[key]} holder(s); target "
-                      f"{self.cfg.target_tokens_per_replica_s:g} tok/s per holder" if self.cfg.mode == "autoscale"
-                      else f"{rates.get(key, 0.0):.1f} tok/s; budget {self.cfg.max_total_replicas} extra replicas")
-            d = Decision(time.time(), action, key[0], key[1], holders[key], after[key], rates.get(key, 0.0), reason)
+            wanted = decided.get(key)
+            reason = wanted.reason if wanted else f"{rates.get(key, 0.0):.1f} tok/s over {holders[key]} holder(s)"
+            cause = wanted.cause if wanted else "rate"
+            d = Decision(time.time(), action, key[0], key[1], holders[key], after[key], rates.get(key, 0.0), reason,
+                         cause)
             (self._last_up if grew else self._last_down)[key] = now
             self.decisions.append(d)
-            self.metrics.decisions.labels(action).inc()
+            self.metrics.decisions.labels(action, cause).inc()
             log.info("expert map v%d: layer %d expert %d %s %d -> %d holders (%s)", version, key[0], key[1],
                      action, holders[key], after[key], reason)
             decisions.append(d)
@@ -233,9 +243,21 @@ class ExpertController:
             actors.append(ReplicaActor(f"replica-{self._run_id}-{self._names}", frozenset(keys), active=set(keys)))
         if not actors:
             return []
-        results = await asyncio.gather(
-            *(asyncio.wait_for(self.backend.start(a.name, a.assignment(a.held), version), self.cfg.start_timeout_s)
-              for a in actors), return_exceptions=True)
+        starting = [asyncio.ensure_future(asyncio.wait_for(self.backend.start(a.name, a.assignment(a.held), version),
+                                                           self.cfg.start_timeout_s)) for a in actors]
+        left = len(starting)
+
+        def served(_task) -> None:  # the pending gauge counts from the start until each serves (or fails)
+            nonlocal left
+            left -= 1
+            self.metrics.pending.set(left)
+
+        for task in starting:
+            task.add_done_callback(served)
+        self.metrics.pending.set(left)
+        log.info("starting %d replica actor(s) for map v%d: %s", len(actors), version,
+                 "; ".join(f"{a.name} {sorted(a.held)}" for a in actors))
+        results = await asyncio.gather(*starting, return_exceptions=True)
         failed = [(a, r) for a, r in zip(actors, results) if isinstance(r, BaseException)]
         if failed:
             for a, err in failed:

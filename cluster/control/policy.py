@@ -9,7 +9,7 @@ import math
 from collections import Counter, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -113,50 +113,120 @@ class Decision:
     holders_to: int
     rate: float
     reason: str
+    cause: str = "rate"  # the metric label (`Wanted.cause`)
+
+
+class Wanted(NamedTuple):
+    """What the policy wants for one expert: its holder count, why in words, and the cause as one metric label
+    (`rate`, `no_load`, `min_replicas`, `max_replicas`, `cap`, `swap`, `budget_lowered`, `rebalance`)."""
+
+    holders: int
+    reason: str
+    cause: str
 
 
 def wanted_holders(cfg: AutoscalingConfig, rates: Mapping[Key, float], holders: Mapping[Key, int],
                    now: float, last_up: Mapping[Key, float], last_down: Mapping[Key, float],
                    base: Mapping[Key, int] | None = None) -> dict[Key, int]:
-    """Holders wanted per (layer, expert) of `holders` (the current counts, base copies included), from `rates`
-    (tokens/s). `base`: copies the base shards hold (default 1 each); never asked to go below them, and only holders
-    beyond them count against `max_total_replicas`. Only keys whose count should change are returned. Pure."""
+    """Holders wanted per (layer, expert) whose count should change (see `decide_holders`, which also says why)."""
+    return {k: w.holders for k, w in decide_holders(cfg, rates, holders, now, last_up, last_down, base).items()}
+
+
+def decide_holders(cfg: AutoscalingConfig, rates: Mapping[Key, float], holders: Mapping[Key, int],
+                   now: float, last_up: Mapping[Key, float], last_down: Mapping[Key, float],
+                   base: Mapping[Key, int] | None = None) -> dict[Key, Wanted]:
+    """{(layer, expert): Wanted(holders, reason, cause)} for the keys of `holders` (the current counts, base copies
+    included) whose count should change, from `rates` (tokens/s). `base`: copies the base shards hold (default 1 each);
+    never asked to go below them, and only holders beyond them count against `max_total_replicas`. Pure.
+
+    autoscale: an expert grows when its rate exceeds its holders' target by `hysteresis` (at most every
+    `upscale_cooldown_s`, counted from its last change either way) and shrinks when one holder fewer would still be
+    `hysteresis` below the target (at most every `downscale_cooldown_s` after its last change). When the growth asked
+    for does not fit `max_total_replicas`, running holders stay unless a newcomer's load per holder beats theirs by more
+    than `hysteresis` (a swap), and a holder added less than `downscale_cooldown_s` ago is not swapped out: under a
+    steady load the set converges (docs/autoscaling.md)."""
     base = {k: (base or {}).get(k, 1) for k in holders}
     if cfg.mode == "rebalance":
-        return _rebalance(cfg, rates, holders, base)
+        return {k: Wanted(n, f"rebalance: {rates.get(k, 0.0):.1f} tok/s; water-filled budget of "
+                             f"{cfg.max_total_replicas} extra replicas ({holders[k]} -> {n} holders)", "rebalance")
+                for k, n in _rebalance(cfg, rates, holders, base).items()}
     total_rate = sum(rates.values())
+    target, h = cfg.target_tokens_per_replica_s, cfg.hysteresis
     want: dict[Key, int] = {}
+    why: dict[Key, str] = {}
+    cause: dict[Key, str] = {}
     for key, cur in holders.items():
         rate = rates.get(key, 0.0)
         floor, ceiling = max(cfg.min_replicas, base[key]), max(cfg.max_replicas, base[key])
-        need = min(max(math.ceil(rate / cfg.target_tokens_per_replica_s), floor), ceiling)
+        raw = math.ceil(rate / target)
+        need = min(max(raw, floor), ceiling)
+        last_change = max(last_up.get(key, -math.inf), last_down.get(key, -math.inf))
         if cur < floor:
-            want[key] = floor
+            want[key], why[key], cause[key] = floor, f"below min_replicas={cfg.min_replicas}", "min_replicas"
         elif cur > ceiling:
-            want[key] = ceiling
-        elif need > cur and total_rate >= cfg.min_rate \
-                and rate > cfg.target_tokens_per_replica_s * cur * (1 + cfg.hysteresis) \
-                and now - last_up.get(key, -math.inf) >= cfg.upscale_cooldown_s:
-            want[key] = need
-        elif need < cur and rate < cfg.target_tokens_per_replica_s * (cur - 1) * (1 - cfg.hysteresis) \
-                and now - max(last_up.get(key, -math.inf), last_down.get(key, -math.inf)) \
-                >= cfg.downscale_cooldown_s:
-            want[key] = need
-    return _within_budget(cfg, rates, holders, want, base)
+            want[key], why[key], cause[key] = ceiling, f"above max_replicas={cfg.max_replicas}", "max_replicas"
+        elif need > cur and total_rate >= cfg.min_rate and rate > target * cur * (1 + h) \
+                and now - last_change >= cfg.upscale_cooldown_s:
+            want[key], cause[key] = need, "rate"
+            why[key] = (f"{rate:.1f} tok/s over {cur} holder(s) > target {target:g} tok/s per holder x {1 + h:g}"
+                        + (f"; max_replicas={cfg.max_replicas} caps it at {need}" if raw > need else ""))
+        elif need < cur and rate < target * (cur - 1) * (1 - h) and now - last_change >= cfg.downscale_cooldown_s:
+            want[key], cause[key] = need, "rate" if rate > 0 else "no_load"
+            why[key] = (f"no load: back to {need}" if rate <= 0 else
+                        f"{rate:.1f} tok/s fits {need} holder(s): below the {target * (cur - 1) * (1 - h):.0f} tok/s "
+                        f"that {cur - 1} holder(s) carry at the target less hysteresis {h:g}")
+    final = _within_budget(cfg, rates, holders, want, base, now, last_up, why, cause)
+    return {k: Wanted(n, why[k], cause[k]) for k, n in final.items()}
 
 
 def _within_budget(cfg: AutoscalingConfig, rates: Mapping[Key, float], holders: Mapping[Key, int],
-                   want: dict[Key, int], base: Mapping[Key, int]) -> dict[Key, int]:
-    """Cut extra replicas (holders beyond the base copies) to `max_total_replicas`, one at a time from the expert
-    whose last holder helps least (lowest load per holder), growing ones and, when the budget was lowered, existing
-    ones alike."""
+                   want: dict[Key, int], base: Mapping[Key, int], now: float = math.inf,
+                   last_up: Mapping[Key, float] | None = None, why: dict[Key, str] | None = None,
+                   cause: dict[Key, str] | None = None) -> dict[Key, int]:
+    """Cut extra replicas (holders beyond the base copies) to `max_total_replicas`, one at a time, always the holder
+    that carries the least load (rate / holders). A running holder counts its load x (1 + hysteresis) and one added
+    less than `downscale_cooldown_s` ago is not cut at all, unless the budget was lowered below what runs (then the
+    least loaded go, whatever their age). `why` gets the reason of every change the cap causes."""
+    why = why if why is not None else {}
+    cause = cause if cause is not None else {}
+    last_up = last_up or {}
     final = {**holders, **want}
-    over = sum(n - base[k] for k, n in final.items()) - cfg.max_total_replicas
+    cap = cfg.max_total_replicas
+    over = sum(n - base[k] for k, n in final.items()) - cap
+    lowered = sum(n - base[k] for k, n in holders.items()) > cap
+
+    def value(k: Key) -> float:
+        load = rates.get(k, 0.0) / final[k]  # what the holder that would go carries
+        if final[k] > holders[k] or lowered:
+            return load
+        if now - last_up.get(k, -math.inf) < cfg.downscale_cooldown_s:
+            return math.inf  # added recently: cooldown
+        return load * (1 + cfg.hysteresis)
+
+    cut: list[tuple[Key, float]] = []
     while over > 0:
-        key = min((k for k, n in final.items() if n > base[k]), key=lambda k: (rates.get(k, 0.0) / final[k], k))
+        key = min((k for k, n in final.items() if n > base[k]), key=lambda k: (value(k), k))
+        cut.append((key, rates.get(key, 0.0) / final[key]))
         final[key] -= 1
         over -= 1
-    return {k: n for k, n in final.items() if n != holders[k]}
+    out = {k: n for k, n in final.items() if n != holders[k]}
+    grown = sorted((k for k in out if out[k] > holders[k]), key=lambda k: -rates.get(k, 0.0) / out[k])
+    for key, load in cut:
+        if key in out and out[key] > holders[key] and out[key] < want.get(key, 0):
+            why[key] = f"{why.get(key, '')}; max_total_replicas={cap} binds: {out[key]} of the {want[key]} wanted"
+            cause[key] = "cap"
+        elif key in out and out[key] < holders[key] and lowered:
+            why[key] = (f"max_total_replicas={cap} is below the {sum(n - base[k] for k, n in holders.items())} "
+                        f"extra replicas running: the holder carrying least load goes ({load:.1f} tok/s)")
+            cause[key] = "budget_lowered"
+        elif key in out and out[key] < holders[key]:
+            winner = grown[0] if grown else None
+            beat = (f" for layer {winner[0]} expert {winner[1]} ({rates.get(winner, 0.0) / out[winner]:.1f} tok/s per "
+                    f"holder)" if winner else "")
+            why[key] = (f"swapped out{beat}: max_total_replicas={cap} binds and this holder carries {load:.1f} tok/s, "
+                        f"less than the newcomer by more than hysteresis {cfg.hysteresis:g}")
+            cause[key] = "swap"
+    return out
 
 
 def _rebalance(cfg: AutoscalingConfig, rates: Mapping[Key, float], holders: Mapping[Key, int],

@@ -10,7 +10,7 @@ from ray import serve
 
 from moemesh.actors.role_metrics import role_registry, serve_registry
 from moemesh.cluster.config import Placement
-from moemesh.cluster.control.controller import ExpertController
+from moemesh.cluster.control.controller import ExpertController, log_decisions
 from moemesh.cluster.control.policy import AutoscalingConfig
 from moemesh.cluster.names import (
     APP_NAME,
@@ -98,6 +98,7 @@ class ExpertControllerReplica(RoleEdge):
 
     async def __init__(self, model_dir: str, worker_handles: list, base_assignment: list, autoscaling: dict,
                        batching: dict, host: str, security: GrpcSecurity):
+        log_decisions()  # decision lines at INFO in this replica's log and `moemesh serve`'s output
         cfg = AutoscalingConfig.model_validate(autoscaling)
         n_experts = ModelConfig.from_file(model_dir).n_routed_experts
         backend = RayReplicaBackend(model_dir, cfg.placement, host, batching, security,

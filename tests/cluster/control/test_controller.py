@@ -8,12 +8,14 @@ tests/cluster/control/test_autoscaling.py.
 from __future__ import annotations
 
 import asyncio
+import math
+import random
 
 import pytest
 
 from moemesh.cluster.control.controller import ExpertController
 from moemesh.cluster.control.policy import (AutoscalingConfig, LoadMeter, ReplicaActor, change_replicas,
-                                            wanted_holders)
+                                            decide_holders, wanted_holders)
 
 CFG = AutoscalingConfig(target_tokens_per_replica_s=100, hysteresis=0.2, max_replicas=4, max_total_replicas=16,
                         upscale_cooldown_s=10, downscale_cooldown_s=60, min_rate=1)
@@ -284,3 +286,148 @@ def test_pool_replicas_get_the_map_count_as_load_and_hold_back_a_drain():
         assert ctl._live_pool() == {}
 
     asyncio.run(main())
+
+
+# ---- stability under a binding cap (the policy alone, tick by tick, as the controller applies it) --------------------
+def _simulate(cfg: AutoscalingConfig, rates_at, keys: list, ticks: int, every_s: float = 5.0):
+    """Drive `decide_holders` as `ExpertController.tick` does (apply every change, stamp last_up / last_down) ->
+    (holders per tick, [(tick, key, before, after, reason)])."""
+    holders, last_up, last_down = {k: 1 for k in keys}, {}, {}
+    history, changes = [], []
+    for t in range(ticks):
+        now = t * every_s
+        for key, (n, reason, cause) in decide_holders(cfg, rates_at(t), holders, now, last_up, last_down).items():
+            changes.append((t, key, holders[key], n, reason, cause))
+            (last_up if n > holders[key] else last_down)[key] = now
+            holders[key] = n
+        assert sum(n - 1 for n in holders.values()) <= cfg.max_total_replicas
+        history.append(dict(holders))
+    return history, changes
+
+
+CAPPED = AutoscalingConfig(target_tokens_per_replica_s=200, hysteresis=0.2, max_replicas=4, max_total_replicas=8,
+                           upscale_cooldown_s=10, downscale_cooldown_s=60, min_rate=1)
+KEYS = [(layer, e) for layer in range(2) for e in range(8)]
+
+
+def _skewed(scale: float = 1.0) -> dict:
+    """Zipf-like: a dozen experts each want more holders than the cap of 8 extras allows (the case that churned)."""
+    return {k: scale * 2400.0 / (1 + i) ** 0.9 for i, k in enumerate(KEYS)}
+
+
+def test_a_steady_load_above_the_cap_converges_and_stays():
+    # steady as measured: each tick's rates within +-10% of the mean (a trailing window over real traffic). Before
+    # the hysteresis at the cap, this flipped a holder back and forth on most ticks (52 changes in ticks 30-89).
+    steady, noise = _skewed(), random.Random(0)
+    wanted_extra = sum(min(math.ceil(r / 200), 4) - 1 for r in steady.values())
+    assert wanted_extra > 2 * CAPPED.max_total_replicas  # the cap binds, hard
+    measured = [{k: r * (1 + noise.uniform(-0.1, 0.1)) for k, r in steady.items()} for _ in range(90)]
+    history, changes = _simulate(CAPPED, lambda t: measured[t], KEYS, ticks=90)
+    settled = next(t for t in range(len(history)) if all(h == history[t] for h in history[t:]))
+    late = [c for c in changes if c[0] >= 30]
+    assert settled < 30 and len(late) <= 1, late  # converged within 30 ticks; at most one change in the 60 after
+    assert sum(n - 1 for n in history[-1].values()) == CAPPED.max_total_replicas  # and the budget is used
+    hottest = sorted(KEYS, key=lambda k: -steady[k])
+    assert history[-1][hottest[0]] > 1 and history[-1][hottest[-1]] == 1  # the budget went to the hot experts
+
+
+def test_a_slowly_drifting_load_changes_the_set_only_when_the_ranking_really_changes():
+    # one cold expert heats up slowly (100 -> 1500 tok/s over 1,000 s) while the others stay: it gets holders only by
+    # beating the least loaded running holder by more than the hysteresis (a swap), and nothing flips back
+    steady, rising, noise = _skewed(), KEYS[-1], random.Random(1)
+    jitter = [{k: 1 + noise.uniform(-0.1, 0.1) for k in KEYS} for _ in range(300)]  # measured, +-10%
+
+    def drifting(t: int) -> dict:
+        return {k: r * jitter[t][k] for k, r in {**steady, rising: 100.0 + 1400.0 * min(t / 200, 1.0)}.items()}
+
+    history, changes = _simulate(CAPPED, drifting, KEYS, ticks=300)
+    first = history[29]
+    later = [c for c in changes if c[0] >= 30]
+    swaps = [c for c in later if c[5] == "swap"]
+    assert all("swapped out" in c[4] for c in swaps)
+    assert swaps and all(k != rising for _, k, *_ in swaps)  # the ranking changed: holders made room for the riser
+    for t, key, before, after, *_ in swaps:
+        rates = drifting(t)
+        assert rates[rising] / history[t][rising] > (1 + CAPPED.hysteresis) * rates[key] / before, (t, key)
+    assert history[-1][rising] > 1
+    for key in KEYS:  # no expert goes one way and back: each moves monotonically after the first 30 ticks
+        counts = [first[key]] + [h[key] for h in history[30:]]
+        steps = [b - a for a, b in zip(counts, counts[1:]) if b != a]
+        assert all(x > 0 for x in steps) or all(x < 0 for x in steps), (key, counts)
+    assert len(later) <= 2 * CAPPED.max_replicas, later  # a handful of changes over 270 ticks
+
+
+def test_every_decision_says_why_in_words():
+    cfg = CAPPED.model_copy(update={"max_total_replicas": 2})
+    rates = {(0, 0): 900.0, (0, 1): 500.0, (0, 2): 10.0}
+    got = decide_holders(cfg, rates, {k: 1 for k in rates}, now=100, last_up={}, last_down={})
+    assert "900.0 tok/s over 1 holder(s) > target 200" in got[(0, 0)][1]
+    assert "max_replicas=4 caps it at 4" in got[(0, 0)][1] and "max_total_replicas=2 binds" in got[(0, 0)][1]
+    # a holder swapped out names the cap, the newcomer and the loads
+    running = {(0, 0): 1, (0, 1): 3, (0, 2): 1}
+    hot = {(0, 0): 2000.0, (0, 1): 300.0, (0, 2): 10.0}
+    got = decide_holders(cfg, hot, running, now=1000, last_up={(0, 1): 0.0}, last_down={})
+    assert got[(0, 1)].holders < 3 and "swapped out for layer 0 expert 0" in got[(0, 1)].reason
+    assert (got[(0, 1)].cause, got[(0, 0)].cause) == ("swap", "cap")
+    assert "max_total_replicas=2 binds" in got[(0, 1)][1]
+    # a recently added holder is not swapped out (cooldown), a lowered budget names itself
+    assert (0, 1) not in decide_holders(cfg, hot, running, now=30, last_up={(0, 1): 0.0}, last_down={})
+    lowered = decide_holders(cfg.model_copy(update={"max_total_replicas": 0}), hot, running, now=30,
+                             last_up={(0, 1): 0.0}, last_down={})
+    assert lowered[(0, 1)][0] == 1 and "max_total_replicas=0 is below the 2 extra replicas running" in \
+        lowered[(0, 1)][1]
+    assert "min_replicas" in decide_holders(CAPPED, {}, {(0, 0): 0}, 0, {}, {})[(0, 0)][1]
+
+
+def test_the_pending_gauge_counts_replicas_from_their_start_and_decisions_are_logged_at_info():
+    """`moemesh:autoscaler_pending_replicas` reads the replicas being started while they load (not only after the
+    tick), and every decision line (with its reason) reaches the controller's log at INFO."""
+    import io
+
+    from prometheus_client import CollectorRegistry
+
+    from moemesh.cluster.control.controller import log_decisions
+
+    class GatedBackend(_Backend):
+        def __init__(self, log):
+            super().__init__(log)
+            self.release, self.started = asyncio.Event(), 0
+
+        async def start(self, name, assignment, version):
+            self.started += 1
+            await self.release.wait()  # loading weights until the test lets it serve
+            return await super().start(name, assignment, version)
+
+    log, clock, loads = [], [0.0], {"0/0": 0}
+    workers = {"w0": _Worker("w0", log, loads)}
+    backend, registry = GatedBackend(log), CollectorRegistry()
+    cfg = CFG.model_copy(update={"upscale_cooldown_s": 0, "window_s": 100, "experts_per_actor": 1})
+    ctl = ExpertController(cfg, [{0: [0, 1]}], 2, workers, backend, registry, clock=lambda: clock[0])
+
+    def pending() -> float:
+        return registry.get_sample_value("moemesh:autoscaler_pending_replicas")
+
+    async def main():
+        await ctl.tick()
+        clock[0], loads["0/0"] = 10.0, 3500  # 350 tok/s on expert 0: three more holders, one actor each
+        tick = asyncio.create_task(ctl.tick())
+        for _ in range(1000):
+            if backend.started == 3:
+                break
+            await asyncio.sleep(0.001)
+        assert backend.started == 3 and pending() == 3  # started, none serving yet: all three pending
+        backend.release.set()
+        decisions = await tick
+        assert pending() == 0 and [(d.action, d.holders_to) for d in decisions] == [("add", 4)]
+
+    stream = io.StringIO()
+    logger = log_decisions(stream)
+    try:
+        asyncio.run(main())
+    finally:  # leave the logger as other tests expect it
+        for handler in [h for h in logger.handlers if getattr(h, "moemesh_decisions", False)]:
+            logger.removeHandler(handler)
+        logger.propagate, logger.level = True, 0
+    lines = stream.getvalue()
+    assert "INFO moemesh.controller: starting 3 replica actor(s) for map v1" in lines
+    assert "layer 0 expert 0 add 1 -> 4 holders (350.0 tok/s over 1 holder(s) > target 100" in lines
