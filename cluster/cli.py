@@ -141,6 +141,37 @@ def _wait_for_a_signal() -> None:
         time.sleep(3600)
 
 
+# ---- status --------------------------------------------------------------------------------------------------------
+def _status_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=None, help="the Ray cluster (HOST:PORT, or auto; default: $RAY_ADDRESS, else "
+                                                   "auto: the cluster running on this machine)")
+    p.add_argument("--app", default=None, help="the Serve application (default: moemesh)")
+    p.add_argument("--json", action="store_true", help="print the status as JSON (for scripts)")
+
+
+def _status(args: argparse.Namespace) -> int:
+    """What runs and why: deployments and replicas, expert replicas, the hottest experts, decisions, pending nodes."""
+    import os
+
+    os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray 2.60 clients must say so before importing ray
+    import ray
+
+    from moemesh.cluster.names import APP_NAME
+    from moemesh.cluster.status import as_json, collect, render
+
+    address = args.address or os.environ.get("RAY_ADDRESS") or "auto"
+    try:
+        ray.init(address=address, namespace="moemesh-status", logging_level="ERROR", log_to_driver=False)
+    except ConnectionError as e:
+        raise ValueError(f"--address {address}: no Ray cluster there ({e})") from None
+    try:
+        status = collect(args.app or APP_NAME)
+    finally:
+        ray.shutdown()
+    print(as_json(status) if args.json else render(status))
+    return 0 if status["deployments"] else 1
+
+
 # ---- bench ---------------------------------------------------------------------------------------------------------
 def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("what", choices=["serve", "plan", "soak", "kernels"],
@@ -210,6 +241,8 @@ COMMANDS: dict[str, Command] = {
     "bench": Command("measure: `bench serve` (served cluster vs in-process engine), `bench plan` (planners)",
                      _bench_args, _bench),
     "serve": Command("serve a model over HTTP (OpenAI API) on a Ray cluster", _serve_args, _serve),
+    "status": Command("show a running deployment: replicas, expert replicas, hot experts, decisions, pending nodes",
+                      _status_args, _status),
     "generate": Command("generate text offline with the single-process reference model", _generate_args,
                         _generate),
     "init-model": Command("write a built-in model checkpoint (config, weights, tokenizer)", _init_model_args,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -53,3 +54,24 @@ def test_bench_kernels_reports_the_reference_path_on_the_cpu():
     assert done.returncode == 0, done.stderr
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "reference" in line]
     assert {r.split("|")[1].strip() for r in rows} >= {"rms_norm", "routed_experts", "sink_attention", "engram_gate"}
+
+
+def test_status_shows_the_served_deployments_and_where_they_run(served, ray_cluster):
+    """`moemesh status` against the session's cluster (the served tiny app, no expert controller): every deployment
+    RUNNING with its replica, on the node type the config pins it to; text and JSON."""
+    cluster, _ = ray_cluster
+    done = _moemesh("status", "--address", cluster.address, "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    status = json.loads(done.stdout)
+    deployments = status["deployments"]
+    assert status["app_status"] == "RUNNING" and status["controller"] is None
+    assert {"ingress", "attention-worker-0", "attention-worker-1", "expert-shard-0", "expert-shard-2",
+            "engram-shard-0-0"} <= set(deployments)
+    assert all(d["status"] == "HEALTHY" and d["replicas"] == {"RUNNING": 1} for d in deployments.values()), deployments
+    assert deployments["expert-shard-0"]["nodes"] == ["expert"] and deployments["engram-shard-0-0"]["nodes"] == \
+        ["engram"] and deployments["attention-worker-0"]["nodes"] == ["head"]
+    text = _moemesh("status", "--address", cluster.address)
+    assert text.returncode == 0 and "application moemesh: RUNNING" in text.stdout
+    assert "expert-shard-1" in text.stdout and "expert controller: none" in text.stdout
+    missing = _moemesh("status", "--address", cluster.address, "--app", "no-such-app")
+    assert missing.returncode == 1 and "no application 'no-such-app'" in missing.stdout

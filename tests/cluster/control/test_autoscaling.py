@@ -104,6 +104,7 @@ def test_replicas_follow_the_load_with_no_failed_request(scale_app, reference, w
         assert _alive_replica_actors(names) == len(names)
         wait_until("tokens sent to the replicas", lambda: all(
             names & set(_call(f"attention-worker-{k}", "stats")["messages_to"]) for k in range(2)), timeout_s=60)
+        _status_matches(state)
 
         # Phase 2, rebalance: the load moves to other tokens; the same budget follows it (new actors started,
         # emptied ones drained and stopped), still under load.
@@ -134,3 +135,25 @@ def test_replicas_follow_the_load_with_no_failed_request(scale_app, reference, w
     decisions = _call("expert-controller", "state")["decisions"]
     print(f"requests: {sum(len(x.results) for x in loads)} answered; decisions: {len(decisions)}; "
           f"hot before {sorted(hot_a)} after {sorted(hot_b)}")
+
+
+def _status_matches(state: dict) -> None:
+    """`moemesh status --app scale --json` (a separate process, as an operator runs it) shows the controller's map,
+    its replica actors on the node type they ask for, and the decisions with their causes."""
+    import json
+    import subprocess
+    import sys
+
+    import ray
+
+    done = subprocess.run([sys.executable, "-m", "moemesh.cluster.cli", "status", "--app", "scale", "--json",
+                           "--address", ray.get_runtime_context().gcs_address], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    status = json.loads(done.stdout)
+    assert status["controller"]["map_version"] == state["version"]
+    assert {a["name"] for a in status["replica_actors"]} == set(state["replicas"])
+    assert all(a["nodes"] == ["expert"] for a in status["replica_actors"]), status["replica_actors"]
+    assert status["controller"]["decisions"] and all(d["cause"] in ("rate", "cap") and d["reason"]
+                                                     for d in status["controller"]["decisions"])
+    assert "expert-controller" in status["deployments"]
