@@ -84,9 +84,11 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait-for-resources", action="store_true",
                    help="deploy even if the cluster lacks the GPUs/NPUs the config asks for now (its autoscaler "
                         "adds them); by default that is an error")
-    p.add_argument("--drain-timeout", type=float, default=10.0, metavar="SECONDS",
-                   help="on Ctrl-C/SIGTERM, wait at most this long for in-flight requests before stopping "
-                        "(default 10); a second Ctrl-C stops at once")
+    from moemesh.cluster.serve.stopping import DRAIN_S  # standard library only: cheap at parser time
+
+    p.add_argument("--drain-timeout", type=float, default=DRAIN_S, metavar="SECONDS",
+                   help=f"on Ctrl-C/SIGTERM, wait at most this long for in-flight requests before stopping "
+                        f"(default {DRAIN_S:g}); a second Ctrl-C stops at once")
 
 
 def _serve(args: argparse.Namespace) -> int:

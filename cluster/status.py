@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 
-from moemesh.cluster.names import EXPERT_CONTROLLER, REPLICA_NAMESPACE
+from moemesh.cluster.names import EXPERT_CONTROLLER, REPLICA_NAMESPACE, replica_actor_name
 
 CALL_TIMEOUT_S = 30.0
 HOTTEST = 10  # experts shown by rate
@@ -86,8 +86,6 @@ def _serve_part(status: dict, app: str, placements: dict[str, list[dict]]) -> No
 
 def _controller_part(status: dict, app: str, placements: dict[str, list[dict]]) -> None:
     from ray import serve
-
-    from moemesh.cluster.names import replica_actor_name
 
     try:
         state = serve.get_deployment_handle(EXPERT_CONTROLLER, app_name=app).state.remote().result(

@@ -191,17 +191,16 @@ class ExpertController:
             await self._drop_dead()
             holders = self.holders()
             decided = decide_holders(self.cfg, rates, holders, now, self._last_up, self._last_down, self.base)
-            want = {k: w.holders for k, w in decided.items()}
-            decisions = await self._apply(want, rates, holders, now, decided) if want else []
+            decisions = await self._apply(decided, rates, holders, now) if decided else []
             stale = [n for n, s in states.items() if s["version"] < self.version]
             if stale and not decisions:
                 await self._install(only=stale)
             self._export(rates)
             return decisions
 
-    async def _apply(self, want: dict[Key, int], rates: dict[Key, float], holders: dict[Key, int],
-                     now: float, decided: dict[Key, Wanted]) -> list[Decision]:
-        want_extra = {k: n - self.base[k] for k, n in want.items()}
+    async def _apply(self, decided: dict[Key, Wanted], rates: dict[Key, float], holders: dict[Key, int],
+                     now: float) -> list[Decision]:
+        want_extra = {k: w.holders - self.base[k] for k, w in decided.items()}
         active, new_sets = change_replicas(list(self.actors.values()), want_extra, self.cfg.experts_per_actor,
                                            rates)
         version = self.version + 1
@@ -217,14 +216,12 @@ class ExpertController:
         await self._drain_and_stop(emptied)
         after = self.holders()
         decisions = []
-        for key in sorted(want):
+        for key in sorted(decided):
             if after[key] == holders[key]:
                 continue
             grew = after[key] > holders[key]
             action = "rebalance" if self.cfg.mode == "rebalance" else ("add" if grew else "remove")
-            wanted = decided.get(key)
-            reason = wanted.reason if wanted else f"{rates.get(key, 0.0):.1f} tok/s over {holders[key]} holder(s)"
-            cause = wanted.cause if wanted else "rate"
+            reason, cause = decided[key].reason, decided[key].cause
             d = Decision(time.time(), action, key[0], key[1], holders[key], after[key], rates.get(key, 0.0), reason,
                          cause)
             (self._last_up if grew else self._last_down)[key] = now

@@ -113,7 +113,7 @@ class Decision:
     holders_to: int
     rate: float
     reason: str
-    cause: str = "rate"  # the metric label (`Wanted.cause`)
+    cause: str  # the metric label (`Wanted.cause`)
 
 
 class Wanted(NamedTuple):

@@ -59,13 +59,11 @@ class ProcessTree:
 
     def __init__(self):
         self.pid = os.getpid()
-        self.subreaper = False
         if sys.platform.startswith("linux"):
             try:
-                libc = ctypes.CDLL(None, use_errno=True)
-                self.subreaper = libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+                ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
             except (OSError, AttributeError):
-                self.subreaper = False
+                pass  # no prctl: orphans reparent to init and escape the tree, as elsewhere
 
     def descendants(self) -> list[int]:
         """PIDs of every live descendant (zombies included: they are reaped by `end_all`)."""
