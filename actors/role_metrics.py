@@ -68,6 +68,9 @@ class WorkerCollector(Collector):
                        ["shard", "direction"], {**sent, **received})
         yield _counter("moemesh:dispatch_messages", "Messages sent to each expert shard.", ["shard"],
                        dict(d.messages_to))
+        yield _counter("moemesh:dispatch_seconds", "Summed round-trip seconds of the messages each expert shard "
+                       "answered (divide by moemesh:dispatch_messages for the mean latency).", ["shard"],
+                       dict(d.seconds_to))
         if self.worker.engram is not None:
             c = self.worker.engram.counters
             yield _counter("moemesh:engram_cache_queries", "Distinct Engram rows asked of the hot cache.", [],

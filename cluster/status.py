@@ -3,7 +3,8 @@
 `collect(app)` (Ray connected) gathers, each part on its own so that one unavailable source does not hide the rest:
 - the application and its deployments with their replicas by state, and the node each replica runs on;
 - with an expert controller: the expert map version, the replica actors (and where they run), the hottest experts with
-  their rates and holders, the last decisions with their reasons, the replica actors still pending;
+  their rates and holders, the last decisions with their reasons, each changed expert's tokens/s per holder and
+  dispatch latency before and after the change (does it help?), the replica actors still pending;
 - Ray's autoscaler: nodes being launched and pending resource demands.
 `render(status)` turns it into text; `--json` prints `collect`'s dict.
 """
@@ -101,6 +102,7 @@ def _controller_part(status: dict, app: str, placements: dict[str, list[dict]]) 
                     for k, r in list(state.get("rates", {}).items())[:HOTTEST]],
         "decisions": [{k: d[k] for k in ("time", "action", "layer", "expert", "holders_from", "holders_to", "reason",
                                          "cause") if k in d} for d in state.get("decisions", [])[-DECISIONS:]],
+        "effects": state.get("effects", [])[-DECISIONS:],
     }
     status["replica_actors"] = [
         {"name": name, "experts": {str(layer): es for layer, es in experts.items()},
@@ -148,12 +150,22 @@ def render(status: dict) -> str:
             lines.append("last decisions:")
             lines += [f"  layer {d['layer']} expert {d['expert']} {d['action']} {d['holders_from']} -> "
                       f"{d['holders_to']} [{d.get('cause', '')}]: {d['reason']}" for d in ctl["decisions"]]
+        if ctl.get("effects"):
+            lines.append("does it help? per changed expert, before -> after (after: once a window has passed):")
+            lines += [f"  layer {e['layer']} expert {e['expert']} {e['action']} {e['holders_before']} -> "
+                      f"{e['holders_after']}: {_pair(e, 'tokens_per_holder', '{:.1f}', 1)} tok/s per holder, "
+                      f"dispatch {_pair(e, 'latency', '{:.1f}', 1e3, '_s')} ms" for e in ctl["effects"]]
     auto = status["autoscaler"]
     if auto is not None:
         lines.append(f"nodes: {auto['active_nodes']} up, {auto['pending_launches']} launching, "
                      f"{auto['pending_nodes']} pending; {auto['resource_demands']} pending resource demand(s)")
     lines += [f"({e})" for e in status["errors"]]
     return "\n".join(lines)
+
+
+def _pair(effect: dict, name: str, fmt: str, scale: float, unit: str = "") -> str:
+    values = [effect.get(f"{name}_{phase}{unit}") for phase in ("before", "after")]
+    return " -> ".join("?" if v is None else fmt.format(v * scale) for v in values)
 
 
 def as_json(status: dict) -> str:

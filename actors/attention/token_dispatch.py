@@ -102,6 +102,7 @@ class DispatchStats:
     bytes_to: Counter = field(default_factory=Counter)  # shard -> bytes sent
     bytes_from: Counter = field(default_factory=Counter)  # shard -> bytes received
     messages_to: Counter = field(default_factory=Counter)  # shard -> messages
+    seconds_to: Counter = field(default_factory=Counter)  # shard -> summed round-trip seconds of answered messages
 
 
 class Dispatcher:
@@ -174,8 +175,7 @@ class Dispatcher:
         batches = {shard: TokenBatch(layer, x[rows], ids, weights[rows], step_id=step_id,
                                      expert_map_version=emap.version)
                    for shard, (rows, ids) in sent.items()}
-        replies = await asyncio.gather(*(self.transport.dispatch(s, b) for s, b in batches.items()),
-                                       return_exceptions=True)
+        replies = await asyncio.gather(*(self._timed(s, b) for s, b in batches.items()), return_exceptions=True)
         failed = []
         for (shard, (rows, ids)), reply in zip(sent.items(), replies):
             if isinstance(reply, (errors.Unavailable, TimeoutError)):  # gone (or hung): not the request's fault
@@ -184,12 +184,21 @@ class Dispatcher:
                 continue
             if isinstance(reply, BaseException):
                 raise reply
+            reply, seconds = reply
             self.health.answered(shard)
             out.index_add_(0, rows.to(x.device), reply.to(device=x.device, dtype=x.dtype))
-            self._count(shard, batches[shard], reply)
+            self._count(shard, batches[shard], reply, seconds)
         return failed
 
-    def _count(self, shard: ShardId, batch: TokenBatch, reply: torch.Tensor) -> None:
+    async def _timed(self, shard: ShardId, batch: TokenBatch) -> tuple[torch.Tensor, float]:
+        """One message's reply and its round-trip seconds (what an operator compares before/after a replica)."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        reply = await self.transport.dispatch(shard, batch)
+        return reply, loop.time() - start
+
+    def _count(self, shard: ShardId, batch: TokenBatch, reply: torch.Tensor, seconds: float) -> None:
+        self.stats.seconds_to[shard] += seconds
         self.stats.bytes_to[shard] += batch.nbytes
         self.stats.bytes_from[shard] += reply.numel() * reply.element_size()
         self.stats.messages_to[shard] += 1

@@ -165,6 +165,15 @@ class AttentionWorker:
         counts = await self._on_io(lambda: dict(self.dispatcher.stats.tokens_per_expert))
         return {f"{layer}/{e}": n for (layer, e), n in counts.items()}
 
+    async def dispatch_latency(self) -> dict[str, list[float]]:
+        """Per expert shard since start, `shard -> [messages answered, their summed round-trip seconds]` (cumulative;
+        base shards by position as a string, replicas by name). The controller turns differences into the mean
+        dispatch latency to an expert's holders before and after it changes them."""
+        def read():
+            d = self.dispatcher.stats
+            return {str(s): [d.messages_to[s], d.seconds_to[s]] for s in d.messages_to}
+        return await self._on_io(read)
+
     def start_metrics(self, host: str) -> str:
         """Serve this worker's Prometheus metrics on a free port; returns `host:port`."""
         return serve_registry(self.registry, host)

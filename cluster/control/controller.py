@@ -35,6 +35,7 @@ from typing import Protocol
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client import Counter as PromCounter
 
+from moemesh.cluster.control.effect import Effect, EffectTracker, LatencyMeter
 from moemesh.cluster.control.policy import (AutoscalingConfig, Decision, Key, LoadMeter, ReplicaActor,
                                             Wanted, change_replicas, decide_holders)
 
@@ -72,6 +73,7 @@ class WorkerPort(Protocol):
     async def expert_map_state(self) -> dict: ...
     async def install_expert_map(self, version: int, replicas: dict, addresses: dict) -> int: ...
     async def release_shards(self, names: list[str]) -> list[str]: ...
+    async def dispatch_latency(self) -> dict[str, list[float]]: ...  # shard -> [messages, seconds], cumulative
 
 
 class ControllerMetrics:
@@ -87,6 +89,12 @@ class ControllerMetrics:
         self.version = Gauge("moemesh:expert_map_version", "Expert map version installed by the controller.",
                              registry=registry)
         self.actors = Gauge("moemesh:replica_actors", "Replica actors serving.", registry=registry)
+        self.effect_rate = Gauge("moemesh:replica_effect_tokens_per_holder", "Tokens/s per holder of an expert "
+                                 "whose holders changed, before the change and a window after it.",
+                                 ["layer", "expert", "phase"], registry=registry)
+        self.effect_latency = Gauge("moemesh:replica_effect_dispatch_latency_seconds", "Mean dispatch round trip "
+                                    "to the holders of an expert whose holders changed, before and after.",
+                                    ["layer", "expert", "phase"], registry=registry)
         self.failures = PromCounter("moemesh:autoscaler_failures", "Changes abandoned (a replica did not start in "
                                     "time) or steps that raised.", registry=registry)
 
@@ -99,11 +107,18 @@ class ExpertController:
                  clock=time.monotonic):
         self.cfg, self.workers, self.backend, self.clock = cfg, dict(workers), backend, clock
         self.base = Counter((int(layer), int(e)) for held in base for layer, ids in held.items() for e in ids)
+        self._base_shards: dict[Key, list[str]] = {}  # key -> base shard positions (as the workers name them)
+        for i, held in enumerate(base):
+            for layer, ids in held.items():
+                for e in ids:
+                    self._base_shards.setdefault((int(layer), int(e)), []).append(str(i))
         layers = sorted({layer for layer, _ in self.base})
         missing = [(layer, e) for layer in layers for e in range(n_experts) if not self.base[(layer, e)]]
         if missing:
             raise ValueError(f"base: experts {missing[:8]} are held by no base shard")
         self.meter = LoadMeter(cfg.window_s)
+        self.latency = LatencyMeter(cfg.window_s)
+        self.effects = EffectTracker()
         self.actors: dict[str, ReplicaActor] = {}
         self.version = 0
         self.decisions: deque[Decision] = deque(maxlen=1000)
@@ -114,6 +129,7 @@ class ExpertController:
         self._seen: dict[str, dict] = {}  # worker -> what the last tick read (None: unreachable)
         self.pool: dict[str, tuple[float, dict]] = {}  # autoscaled attention replica -> (last report, map state)
         self._pool_loads: dict[str, dict[Key, int]] = {}
+        self._pool_latency: dict[str, dict[str, list[float]]] = {}
         self._lock = asyncio.Lock()
         self.metrics = ControllerMetrics(registry or CollectorRegistry())
 
@@ -131,12 +147,14 @@ class ExpertController:
         replicas = self.replicas()
         return replicas, {n: self.actors[n].address for n in replicas}
 
-    def pool_sync(self, name: str, state: dict, loads: Mapping[str, int]) -> dict:
-        """An autoscaled attention replica reports its map state and cumulative expert loads and gets the map in
-        force back ({version, replicas, addresses}); it installs it itself (docs/serving.md). Synchronous, so the
-        answer is one consistent map."""
+    def pool_sync(self, name: str, state: dict, loads: Mapping[str, int],
+                  latency: Mapping[str, list[float]] | None = None) -> dict:
+        """An autoscaled attention replica reports its map state, cumulative expert loads and dispatch latency
+        (`WorkerPort.dispatch_latency`) and gets the map in force back ({version, replicas, addresses}); it installs
+        it itself (docs/serving.md). Synchronous, so the answer is one consistent map."""
         self.pool[name] = (self.clock(), dict(state))
         self._pool_loads[name] = {_key(k): int(v) for k, v in loads.items()}
+        self._pool_latency[name] = dict(latency or {})
         replicas, addresses = self._map_in_force()
         return {"version": self.version, "replicas": replicas, "addresses": addresses}
 
@@ -146,6 +164,7 @@ class ExpertController:
         for name in [n for n, (t, _) in self.pool.items() if now - t > self.cfg.pool_ttl_s]:
             del self.pool[name]
             self._pool_loads.pop(name, None)
+            self._pool_latency.pop(name, None)
         return {n: st for n, (_, st) in self.pool.items()}
 
     def configure(self, **changes) -> AutoscalingConfig:
@@ -158,7 +177,8 @@ class ExpertController:
         return {"version": self.version, "replicas": self.replicas(), "pending": self.backend.pending(),
                 "rates": {f"{layer}/{e}": round(r, 2) for (layer, e), r in top}, "workers": self._seen,
                 "holders": {f"{layer}/{e}": n for (layer, e), n in self.holders().items() if n > 1},
-                "decisions": [asdict(d) for d in list(self.decisions)[-50:]]}
+                "decisions": [asdict(d) for d in list(self.decisions)[-50:]],
+                "effects": [asdict(e) for _, e in sorted(self.effects.current.values(), key=lambda te: te[0])][-20:]}
 
     # -- the loop -----------------------------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -183,6 +203,8 @@ class ExpertController:
                 self.version = max(s["version"] for s in [*states.values(), *pool.values()])
             await self._forget_strangers(states)
             loads = await self._gather({n: w.expert_loads() for n, w in self.workers.items()})
+            latency = await self._gather({n: w.dispatch_latency() for n, w in self.workers.items()})
+            self.latency.add(now, {**latency, **self._pool_latency})
             self._seen = {n: {"version": states[n]["version"] if n in states else None,
                               "tokens": sum(loads[n].values()) if n in loads else None} for n in self.workers}
             self.meter.add(now, {**{n: {_key(k): v for k, v in c.items()} for n, c in loads.items()},
@@ -192,6 +214,7 @@ class ExpertController:
             holders = self.holders()
             decided = decide_holders(self.cfg, rates, holders, now, self._last_up, self._last_down, self.base)
             decisions = await self._apply(decided, rates, holders, now) if decided else []
+            self._settle_effects(rates)
             stale = [n for n, s in states.items() if s["version"] < self.version]
             if stale and not decisions:
                 await self._install(only=stale)
@@ -200,6 +223,7 @@ class ExpertController:
 
     async def _apply(self, decided: dict[Key, Wanted], rates: dict[Key, float], holders: dict[Key, int],
                      now: float) -> list[Decision]:
+        latency_before = {k: self.latency.mean_s(self._holder_shards(k)) for k in decided}
         want_extra = {k: w.holders - self.base[k] for k, w in decided.items()}
         active, new_sets = change_replicas(list(self.actors.values()), want_extra, self.cfg.experts_per_actor,
                                            rates)
@@ -212,6 +236,7 @@ class ExpertController:
         self.actors.update({a.name: a for a in started})
         self.version = version
         await self._install()
+        installed_at = self.clock()
         emptied = [a.name for a in self.actors.values() if not a.active]
         await self._drain_and_stop(emptied)
         after = self.holders()
@@ -225,12 +250,43 @@ class ExpertController:
             d = Decision(time.time(), action, key[0], key[1], holders[key], after[key], rates.get(key, 0.0), reason,
                          cause)
             (self._last_up if grew else self._last_down)[key] = now
+            self._record_effect(key, d, latency_before[key], installed_at)
             self.decisions.append(d)
             self.metrics.decisions.labels(action, cause).inc()
             log.info("expert map v%d: layer %d expert %d %s %d -> %d holders (%s)", version, key[0], key[1],
                      action, holders[key], after[key], reason)
             decisions.append(d)
         return decisions
+
+    # -- does it help? (cluster/control/effect.py) --------------------------------------------------------------------
+    def _holder_shards(self, key: Key) -> list[str]:
+        """The shards holding `key` in the map in force, named as the workers' dispatch counters name them."""
+        return self._base_shards.get(key, []) + [a.name for a in self.actors.values() if key in a.active]
+
+    def _record_effect(self, key: Key, d: Decision, latency_before: float | None, installed_at: float) -> None:
+        effect = Effect(d.time, key[0], key[1], d.action, d.holders_from, d.holders_to,
+                        d.rate / max(d.holders_from, 1), latency_before)
+        self.effects.changed(key, effect, installed_at)
+        self._export_effect(effect)
+
+    def _settle_effects(self, rates: dict[Key, float]) -> None:
+        since, holders = self.meter.since(), self.holders()
+        for e in self.effects.settle(since, rates, holders, lambda k: self.latency.mean_s(self._holder_shards(k))):
+            self._export_effect(e)
+            log.info("layer %d expert %d %s %d -> %d holders: %s per holder, dispatch latency %s",
+                     e.layer, e.expert, e.action, e.holders_before, e.holders_after,
+                     _change(e.tokens_per_holder_before, e.tokens_per_holder_after, "%.1f tok/s", 1),
+                     _change(e.latency_before_s, e.latency_after_s, "%.1f ms", 1e3))
+
+    def _export_effect(self, e: Effect) -> None:
+        phases = {"before": (e.tokens_per_holder_before, e.latency_before_s),
+                  "after": (e.tokens_per_holder_after, e.latency_after_s)}
+        for phase, (rate, latency) in phases.items():
+            for gauge, value in ((self.metrics.effect_rate, rate), (self.metrics.effect_latency, latency)):
+                if value is not None:
+                    gauge.labels(e.layer, e.expert, phase).set(value)
+                else:  # not measured (yet): no stale value from an earlier change (absent labels are ignored)
+                    gauge.remove(e.layer, e.expert, phase)
 
     async def _start(self, new_sets: list[list[Key]], version: int) -> list[ReplicaActor] | None:
         """Start replica actors and wait until all listen (None: one did not; the others are stopped again)."""
@@ -339,6 +395,11 @@ class ExpertController:
         m.pending.set(self.backend.pending())
         m.version.set(self.version)
         m.actors.set(len(self.actors))
+
+
+def _change(before: float | None, after: float | None, fmt: str, scale: float) -> str:
+    show = [("n/a" if v is None else fmt % (v * scale)) for v in (before, after)]
+    return f"{show[0]} -> {show[1]}"
 
 
 def _key(text: str) -> Key:

@@ -92,6 +92,10 @@ class LoadMeter:
         while len(self._history) > 2 and now - self._history[1][0] >= self.window_s:
             self._history.popleft()
 
+    def since(self) -> float | None:
+        """When the trailing window's oldest sample was taken (None: fewer than two samples, no rates yet)."""
+        return self._history[0][0] if len(self._history) >= 2 else None
+
     def rates(self) -> dict[Key, float]:
         if len(self._history) < 2:
             return {}

@@ -117,7 +117,7 @@ class AttentionPoolReplica(AttentionWorkerReplica):
         while True:
             try:
                 state, loads = await self.expert_map_state(), await self.expert_loads()
-                current = await controller.pool_sync.remote(name, state, loads)
+                current = await controller.pool_sync.remote(name, state, loads, await self.dispatch_latency())
                 if current["version"] > state["version"]:
                     await self.install_expert_map(current["version"], current["replicas"], current["addresses"])
                     added |= set(current["replicas"])

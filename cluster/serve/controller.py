@@ -91,6 +91,9 @@ class HandlePort:
     async def release_shards(self, names: list[str]) -> list[str]:
         return await self.handle.release_shards.remote(names)
 
+    async def dispatch_latency(self) -> dict:
+        return await self.handle.dispatch_latency.remote()
+
 
 class ExpertControllerReplica(RoleEdge):
     """The expert controller (cluster/control/controller.py) as a one-replica Serve deployment: its loop runs on the
@@ -112,9 +115,9 @@ class ExpertControllerReplica(RoleEdge):
     def state(self) -> dict:
         return self.controller.state()
 
-    def pool_sync(self, name: str, state: dict, loads: dict) -> dict:
+    def pool_sync(self, name: str, state: dict, loads: dict, latency: dict | None = None) -> dict:
         """An `attention-pool` replica's report -> the expert map in force (see ExpertController.pool_sync)."""
-        return self.controller.pool_sync(name, state, loads)
+        return self.controller.pool_sync(name, state, loads, latency)
 
     def configure(self, changes: dict) -> dict:
         """Change policy fields live (e.g. `{"max_total_replicas": 0}`) -> the policy in force."""

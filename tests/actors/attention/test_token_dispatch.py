@@ -138,3 +138,21 @@ def test_versions_in_use_lists_the_maps_of_dispatches_still_under_way(tiny_model
 
     for got in asyncio.run(main()):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_dispatch_records_each_shards_round_trip(tiny_model_dir):
+    """`seconds_to` (the controller's before/after latency) sums each answered message's round trip per shard."""
+    assignment = [{LAYER: list(range(0, 16, 2))}, {LAYER: list(range(1, 16, 2))}]
+    shards, x, indices, weights, want = _layer_setup(tiny_model_dir, assignment)
+
+    class Slow:
+        async def dispatch(self, batch):
+            await asyncio.sleep(0.05)
+            return await shards[1].dispatch(batch)
+
+    dispatcher = Dispatcher(InProcessTransport({0: shards[0], 1: Slow()}),
+                            ExpertMap.from_assignment(assignment, n_experts=E))
+    torch.testing.assert_close(asyncio.run(dispatcher(LAYER, x, indices, weights)), want, rtol=1e-5, atol=1e-6)
+    stats = dispatcher.stats
+    assert stats.messages_to == {0: 1, 1: 1}
+    assert stats.seconds_to[1] >= 0.05 > stats.seconds_to[0] > 0

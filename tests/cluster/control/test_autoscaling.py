@@ -111,6 +111,7 @@ def test_replicas_follow_the_load_with_no_failed_request(scale_app, reference, w
         # most ticks at the cap.
         steady, again = _phase({"hysteresis": 0.5})
         assert again["version"] <= state["version"] + 1 and len(steady) <= 2, steady
+        _effects_measured(again)
         state = again
         names = set(state["replicas"])
         started |= names
@@ -166,3 +167,30 @@ def _status_matches(state: dict) -> None:
     assert status["controller"]["decisions"] and all(d["cause"] in ("rate", "cap") and d["reason"]
                                                      for d in status["controller"]["decisions"])
     assert "expert-controller" in status["deployments"]
+
+
+def _effects_measured(state: dict) -> None:
+    """Does it help? A window after phase 1's adds, the controller has each added expert's tokens/s per holder and
+    dispatch latency before and after (the values depend on this machine, not asserted), and `moemesh status` shows
+    them."""
+    import subprocess
+    import sys
+
+    import ray
+
+    settled = [e for e in state["effects"] if e["action"] == "add" and e["tokens_per_holder_after"] is not None]
+    assert settled, state["effects"]
+    for e in settled:
+        assert e["holders_after"] > e["holders_before"] and e["tokens_per_holder_before"] > 0
+        assert e["latency_before_s"] > 0 and e["latency_after_s"] > 0  # both windows had dispatches to measure
+        print(f"layer {e['layer']} expert {e['expert']} {e['holders_before']} -> {e['holders_after']} holders: "
+              f"{e['tokens_per_holder_before']:.1f} -> {e['tokens_per_holder_after']:.1f} tok/s per holder, "
+              f"{1e3 * e['latency_before_s']:.1f} -> {1e3 * e['latency_after_s']:.1f} ms")
+    done = subprocess.run([sys.executable, "-m", "moemesh.cluster.cli", "status", "--app", "scale", "--address",
+                           ray.get_runtime_context().gcs_address], capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    e = settled[-1]
+    assert (f"layer {e['layer']} expert {e['expert']} add {e['holders_before']} -> {e['holders_after']}: "
+            f"{e['tokens_per_holder_before']:.1f} -> {e['tokens_per_holder_after']:.1f} tok/s per holder") \
+        in done.stdout, done.stdout

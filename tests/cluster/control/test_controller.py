@@ -127,13 +127,17 @@ class _Backend:
 
 
 class _Worker:
-    def __init__(self, name, log, loads):
+    def __init__(self, name, log, loads, latency=None):
         self.name, self.log, self.loads = name, log, loads
+        self.latency = latency if latency is not None else {}  # shard -> [messages, seconds], cumulative
         self.version, self.in_use, self.replicas = 0, [], {}
         self.reported: list[dict] = []  # every expert_map_state answer, in order
 
     async def expert_loads(self):
         return dict(self.loads)
+
+    async def dispatch_latency(self):
+        return {s: list(v) for s, v in self.latency.items()}
 
     async def expert_map_state(self):
         self.reported.append({"version": self.version, "in_use": list(self.in_use), "shards": list(self.replicas)})

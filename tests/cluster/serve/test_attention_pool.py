@@ -184,8 +184,9 @@ def test_a_pool_replica_pulls_the_map_and_releases_old_shards_after_the_drain(mo
             self.reports: list[tuple] = []
             self.pool_sync = self
 
-        def remote(self, name, state, loads):
+        def remote(self, name, state, loads, latency):
             self.reports.append((name, dict(state), dict(loads)))
+            self.latency = latency
 
             async def answer():
                 return self.map
@@ -201,6 +202,9 @@ def test_a_pool_replica_pulls_the_map_and_releases_old_shards_after_the_drain(mo
 
         async def expert_loads(self):
             return {"0/3": 7}
+
+        async def dispatch_latency(self):
+            return {"0": [4, 0.2]}
 
         async def install_expert_map(self, version, replicas, addresses):
             self.installed.append((version, sorted(replicas), dict(addresses)))
@@ -224,6 +228,7 @@ def test_a_pool_replica_pulls_the_map_and_releases_old_shards_after_the_drain(mo
         assert replica.installed == [(1, ["replica-1"], {"replica-1": "h:1"})]
         assert controller.reports[0] == ("attention-pool#abc", {"version": 0, "in_use": [], "shards": []},
                                          {"0/3": 7})
+        assert controller.latency == {"0": [4, 0.2]}  # the dispatch latency travels with the loads
         replica.state["in_use"] = [1]  # a dispatch runs under map 1 ...
         controller.map = {"version": 2, "replicas": {}, "addresses": {}}  # ... when replica-1 leaves the map
         await _until("map 2 installed", lambda: replica.installed[-1][0] == 2)
