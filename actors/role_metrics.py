@@ -59,6 +59,14 @@ class WorkerCollector(Collector):
             yield family
         yield _counter("moemesh:num_preemptions", "Requests preempted (recomputed later).", MODEL,
                        {self.model_name: stats.num_preemptions})
+        parts = self.worker.step_parts.seconds(self.worker.engine.engine.clock)
+        yield _counter("moemesh:steps", "Forward steps run (each over the whole running batch).", [],
+                       {(): parts.pop("steps")})
+        parts.pop("micro_batches")
+        yield _counter("moemesh:step_seconds", "Seconds of forward steps by part: total; compute (attention, norms, "
+                       "mHC, router, shared expert on the step thread); wait_experts (idle until routed experts "
+                       "answered); wait_engram (idle at the first Engram layer); scheduling (schedule, sampling, "
+                       "postprocess: the engine's step beyond the forward pass).", ["part"], parts)
         d = self.worker.dispatcher.stats
         yield _counter("moemesh:expert_tokens", "Tokens routed to each expert.", ["layer", "expert"],
                        dict(d.tokens_per_expert))
@@ -98,6 +106,8 @@ class ExpertShardCollector(Collector):
         yield _counter("moemesh:shard_bytes", "Tensor bytes in and out.", ["direction"],
                        {"in": c.bytes_in, "out": c.bytes_out})
         yield _counter("moemesh:shard_rejected", "Requests refused as overloaded.", [], {(): c.rejected})
+        yield _counter("moemesh:shard_compute_seconds", "Seconds spent computing expert batches.", [],
+                       {(): c.compute_s})
 
 
 class EngramShardCollector(Collector):

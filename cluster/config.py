@@ -75,6 +75,9 @@ class AttentionConfig(_Strict):
 
     replicas: int = Field(1, ge=1, description="Data-parallel ranks (Serve replicas).")
     max_num_seqs: int = Field(32, ge=1, description="Sequences batched per step.")
+    micro_batches: int = Field(2, ge=1, le=16, description="Micro-batches a step is split into (by sequence) so that "
+                               "one's attention runs while another's tokens are at the expert shards; 1 = no "
+                               "overlap (docs/serving.md).")
     kv_cache_blocks: int = Field(4096, ge=1, description="Blocks in each rank's paged KV store.")
     block_size: int = Field(16, ge=1, description="Rows per KV block.")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Compute dtype.")

@@ -9,6 +9,7 @@ task (the model step itself in a worker thread) behind `async for out in generat
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
@@ -59,6 +60,20 @@ class EngineStats:
 
 
 @dataclass
+class StepClock:
+    """Cumulative seconds of `Engine.step` (what the step costs beyond the forward pass is the scheduling part:
+    schedule, sampling, postprocess)."""
+
+    steps: int = 0  # steps that ran the model
+    total_s: float = 0.0
+    model_s: float = 0.0  # inside `model_step`
+
+    @property
+    def scheduling_s(self) -> float:
+        return max(self.total_s - self.model_s, 0.0)
+
+
+@dataclass
 class _Request:
     seq: Sequence
     params: RequestParams
@@ -92,6 +107,7 @@ class Engine:
         eos = cfg.eos_token_id
         self._eos = frozenset([eos] if isinstance(eos, int) else eos or [])
         self._requests: dict[str, _Request] = {}
+        self.clock = StepClock()
 
     # -- requests -----------------------------------------------------------------------------------------------------
     def check_request(self, request_id: str, prompt_token_ids: Seq[int], params: RequestParams) -> Sequence:
@@ -145,13 +161,17 @@ class Engine:
     # -- the step -----------------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One model step over the scheduled batch -> an output per request that got a new token."""
+        started = time.perf_counter()
         plan = self.scheduler.schedule()
         for seq in plan.preempted:
             self._requests[seq.request_id].cache = None  # its blocks are already free
         if not plan.chunks:
             return []
         sampled = self._run(plan)
-        return self._postprocess(plan, sampled)
+        outputs = self._postprocess(plan, sampled)
+        self.clock.steps += 1
+        self.clock.total_s += time.perf_counter() - started
+        return outputs
 
     def _run(self, plan: SchedulerOutput) -> dict[str, int]:
         """Feed the chunks, sample the sequences that reached their end -> {request_id: token}."""
@@ -161,7 +181,9 @@ class Engine:
             if chunk.start == 0:
                 req.cache = self.kv.new_sequence(chunk.seq.request_id)
             caches.append(req.cache)
+        started = time.perf_counter()
         hidden = self.model_step([c.token_ids for c in plan.chunks], caches)  # [N, D]
+        self.clock.model_s += time.perf_counter() - started
         ends = torch.tensor([len(c.token_ids) for c in plan.chunks]).cumsum(0) - 1
         rows = [int(e) for c, e in zip(plan.chunks, ends) if c.sample]
         if not rows:

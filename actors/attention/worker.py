@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from moemesh.actors.attention.engine import AsyncEngine, CacheConfig, Engine
-from moemesh.actors.attention.remote_step import RemoteStep
+from moemesh.actors.attention.remote_step import RemoteStep, StepParts
 from moemesh.actors.attention.scheduler import SchedulerConfig
 from moemesh.actors.attention.shard_avoidance import RecoveryConfig
 from moemesh.actors.attention.token_dispatch import Dispatcher, ExpertMap
@@ -42,7 +42,7 @@ class AttentionWorker:
                  expert_assignment: Sequence[Mapping[int, Sequence[int]]],
                  engram_routes: Sequence[tuple[Mapping[int, Sequence[int]], Sequence[str]]] = (), *,
                  max_num_seqs: int = 32, kv_cache_blocks: int = 4096, block_size: int = 16,
-                 dtype: str = "float32", device: str = "cpu", engram_cache_rows: int = 65536,
+                 dtype: str = "float32", device: str = "cpu", engram_cache_rows: int = 65536, micro_batches: int = 2,
                  security: GrpcSecurity | None = None, expert_resolver: Resolver | None = None,
                  engram_resolver: Resolver | None = None, recovery: RecoveryConfig | None = None,
                  transport_factory: Callable[[GrpcTransport], ExpertTransport] | None = None):
@@ -72,9 +72,11 @@ class AttentionWorker:
                                                           restart_backoff_s=recovery.backoff_s))
         self.registry = role_registry()
         self.registry.register(WorkerCollector(self, Path(model_dir).resolve().name))
+        self.step_parts = StepParts()
         step = RemoteStep(self.model, self.dispatcher, self.engram.lookup if self.engram else None, self.io,
                           timeout_s=2 * recovery.deadline_s + 60,  # an Engram wait, then a layer's, at most
-                          engram_latency=engram_latency_histogram(self.registry))
+                          engram_latency=engram_latency_histogram(self.registry), micro_batches=micro_batches,
+                          on_step=self.step_parts.add)
         engine = Engine(self.model, CacheConfig(block_size=block_size, num_blocks=kv_cache_blocks),
                         SchedulerConfig(max_num_seqs=max_num_seqs), model_step=step)
         self.engine = AsyncEngine(engine)
@@ -94,7 +96,7 @@ class AttentionWorker:
 
     def stats(self) -> dict:
         """Engine, dispatch and Engram counters (for metrics and tests)."""
-        out = {"engine": asdict(self.engine.engine.stats()),
+        out = {"engine": asdict(self.engine.engine.stats()), "step": self.step_parts.seconds(self.engine.engine.clock),
                "messages_to": dict(self.dispatcher.stats.messages_to),
                "tokens_per_expert": {f"{l}/{e}": n for (l, e), n in self.dispatcher.stats.tokens_per_expert.items()}}
         by_link = getattr(self.dispatcher.transport, "messages", None)  # a HybridTransport's replies per link kind

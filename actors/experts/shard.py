@@ -12,6 +12,7 @@ Shapes: n = tokens, k = expert slots per token, D = hidden, E = routed experts p
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ class ShardCounters:
     bytes_in: int = 0
     bytes_out: int = 0
     rejected: int = 0  # requests refused as Overloaded
+    compute_s: float = 0.0  # seconds spent computing batches (the expert-compute part of a served step)
     tokens_per_expert: dict[int, dict[int, int]] = field(default_factory=dict)  # layer -> expert id -> tokens
 
 
@@ -193,7 +195,7 @@ class ExpertShard:
         batches = [b for b, _ in entries]
         loop = asyncio.get_running_loop()
         try:  # in a worker thread: the event loop keeps taking requests (they form the next batch) meanwhile
-            outputs, per_expert = await loop.run_in_executor(self._executor, self._compute, layer, batches)
+            outputs, per_expert = await loop.run_in_executor(self._executor, self._timed_compute, layer, batches)
         except Exception as exc:  # noqa: BLE001 - handed to every waiting caller
             for _, future in entries:
                 if not future.done():
@@ -207,6 +209,13 @@ class ExpertShard:
         for (_, future), out in zip(entries, outputs):
             if not future.done():  # the caller may have given up (cancelled RPC)
                 future.set_result(out)
+
+    def _timed_compute(self, layer: int, batches: list[TokenBatch]) -> tuple[list[torch.Tensor], dict[int, int]]:
+        started = time.perf_counter()
+        try:
+            return self._compute(layer, batches)
+        finally:
+            self.counters.compute_s += time.perf_counter() - started
 
     @torch.no_grad()
     def _compute(self, layer: int, batches: list[TokenBatch]) -> tuple[list[torch.Tensor], dict[int, int]]:

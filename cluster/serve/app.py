@@ -89,7 +89,7 @@ def build_app(config: DeploymentConfig):
                for r in range(config.engram.replicas)] for s, rng in enumerate(ranges)]
     settings = {"max_num_seqs": att.max_num_seqs, "kv_cache_blocks": att.kv_cache_blocks,
                 "block_size": att.block_size, "dtype": att.dtype, "device": att.placement.device,
-                "engram_cache_rows": att.engram_cache_rows}
+                "engram_cache_rows": att.engram_cache_rows, "micro_batches": att.micro_batches}
     worker_args = (model_dir, experts, assignment, engram, ranges, settings, config.grpc_host, security)
     workers = [serve.deployment(**_options(attention_worker(k), att.placement),
                                 max_ongoing_requests=4 * att.max_num_seqs)(AttentionWorkerReplica).bind(

@@ -90,3 +90,91 @@ def test_grpc_shards_give_the_reference_logits(setup):
 
         io.run(stop())
         io.close()
+
+
+# ---- micro-batches (ping-pong) and the Engram prefetch ----------------------------------------------------------------
+def test_split_micro_batches_keeps_sequences_whole_contiguous_and_balanced():
+    from moemesh.actors.attention.remote_step import split_micro_batches
+
+    assert split_micro_batches([1] * 8, 2) == [range(0, 4), range(4, 8)]
+    assert split_micro_batches([1] * 7, 2) == [range(0, 4), range(4, 7)]
+    assert split_micro_batches([100, 1, 1, 1], 2) == [range(0, 1), range(1, 4)]  # a long prefill alone
+    assert split_micro_batches([1, 1, 1, 100], 2) == [range(0, 3), range(3, 4)]
+    assert split_micro_batches([5], 2) == [range(0, 1)]  # one sequence: one micro-batch
+    assert split_micro_batches([1, 1, 1], 3) == [range(0, 1), range(1, 2), range(2, 3)]
+    assert split_micro_batches([3, 3], 1) == [range(0, 2)]
+    for lengths in ([1, 2, 3, 4, 5, 6, 7], [9, 1, 1, 1, 1, 1], [1] * 33):
+        for parts in (1, 2, 3, 4):
+            groups = split_micro_batches(lengths, parts)
+            assert [i for g in groups for i in g] == list(range(len(lengths)))  # every sequence once, in order
+            assert len(groups) == min(parts, len(lengths)) and all(len(g) for g in groups)
+
+
+def _engine_outputs(model, step_fn, prompts, max_tokens) -> dict[str, list[int]]:
+    from moemesh.actors.attention.engine import CacheConfig, Engine
+    from moemesh.actors.attention.scheduler import SchedulerConfig
+    from moemesh.actors.request import RequestParams
+
+    engine = Engine(model, CacheConfig(block_size=4), SchedulerConfig(max_num_seqs=8), model_step=step_fn)
+    got: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", p, RequestParams(max_tokens=max_tokens, ignore_eos=True))
+    while engine.has_unfinished():
+        for out in engine.step():
+            got.setdefault(out.request_id, []).extend(out.new_token_ids)
+    return got
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2, 3])
+def test_micro_batches_give_the_monolithic_engines_greedy_tokens(setup, micro_batches):
+    """Continuous batching with prefills and decodes in one step: the served step split into 1, 2 or 3 micro-batches
+    gives token for token what the single-process engine gives."""
+    full, worker_model, assignment, shards = setup
+    V = full.config.vocab_size
+    prompts = [torch.randint(3, V, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+               for n in (1, 5, 33, 64, 7, 120)]
+    want = _engine_outputs(full, None, prompts, 12)
+    io, times = IoLoop(), []
+    try:
+        dispatcher = Dispatcher(InProcessTransport(dict(enumerate(shards))),
+                                ExpertMap.from_assignment(assignment, n_experts=16))
+        step = RemoteStep(worker_model, dispatcher, lambda h: _local_rows(full, h), io, micro_batches=micro_batches,
+                          on_step=times.append)
+        assert _engine_outputs(worker_model, step, prompts, 12) == want
+    finally:
+        io.close()
+    assert max(t.micro_batches for t in times) == micro_batches
+    for t in times:
+        assert t.total > 0 and 0 <= t.wait_experts + t.wait_engram <= t.total
+        assert t.compute == pytest.approx(t.total - t.wait_experts - t.wait_engram)
+
+
+def test_the_engram_lookup_is_awaited_at_the_first_engram_layer_not_before_layer_0(setup):
+    """The lookup starts with the step and answers only once layer 0's attention has run (the first Engram layer of
+    `tiny` is 1): a step that waited for the rows before layer 0 would never finish."""
+    import threading
+
+    full, worker_model, assignment, shards = setup
+    assert min(full.config.engram_layer_ids) >= 1
+    layer0_ran = threading.Event()
+    hook = worker_model.layers[0].attn.register_forward_hook(lambda *_: layer0_ran.set())
+    asked = []
+
+    async def lookup_after_layer_0(hash_ids):
+        asked.append(sorted(hash_ids))
+        assert await asyncio.to_thread(layer0_ran.wait, 30), "the step did not run layer 0 before taking the rows"
+        return full.lookup_engram(hash_ids)
+
+    io = IoLoop()
+    try:
+        dispatcher = Dispatcher(InProcessTransport(dict(enumerate(shards))),
+                                ExpertMap.from_assignment(assignment, n_experts=16))
+        step = RemoteStep(worker_model, dispatcher, lookup_after_layer_0, io, timeout_s=60)
+        prompt = _prompts(full.config.vocab_size)[1]
+        got = worker_model.logits(step([prompt], [worker_model.new_cache()]))
+    finally:
+        hook.remove()
+        io.close()
+    want = full.logits(full.step([prompt], [full.new_cache()]))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert asked == [sorted(full.config.engram_layer_ids)]  # one lookup per step, for every Engram layer

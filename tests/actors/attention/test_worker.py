@@ -57,6 +57,14 @@ def test_concurrent_greedy_requests_match_the_reference(deployment):
     assert stats["engram"]["lookups"] > 0 and stats["engram"]["cache_hits"] > 0  # decode re-reads hot N-grams
     assert sum(h.stats()["tokens"] for h in experts) > 0 and all(h.stats()["lookups"] > 0 for h in engram)
     assert worker.engine.engine.stats().num_running == 0
+    step = stats["step"]  # the step's breakdown, as exported under moemesh:step_seconds_total{part}
+    assert step["steps"] >= 12 and step["micro_batches"] > step["steps"]  # 4 sequences: split in 2 while all ran
+    assert step["wait_experts"] > 0 and step["wait_engram"] >= 0 and step["scheduling"] > 0
+    assert step["compute"] + step["wait_experts"] + step["wait_engram"] == pytest.approx(step["total"])
+    from prometheus_client import generate_latest
+    exported = generate_latest(worker.registry).decode()
+    assert f'moemesh:step_seconds_total{{part="wait_experts"}} {step["wait_experts"]}' in exported
+    assert 'moemesh:dispatch_seconds_total{shard="0"}' in exported
 
 
 def test_a_new_expert_map_takes_a_replica_in_and_out_with_identical_outputs(deployment, tiny_model_dir):
