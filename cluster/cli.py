@@ -187,6 +187,11 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="plan: H200 and NVL72 at Zipf 0.6 only")
     p.add_argument("config", nargs="?", help="deployment config YAML (default: the built-in tiny model)")
     p.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts (default 1,8,32)")
+    p.add_argument("--model", default=None, help="serve: a built-in model name or a checkpoint directory (default: "
+                                                 "the config's model)")
+    p.add_argument("--micro-batches", default=None, help="serve: comma-separated micro-batch settings, each measured "
+                                                         "on the same deployment (default: the config's)")
+    p.add_argument("--json", default=None, help="serve: write every run's numbers to this JSON file")
     p.add_argument("--per-client", type=int, default=2, help="requests each client sends (default 2)")
     p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens (default 32)")
     p.add_argument("--max-tokens", type=int, default=16, help="new tokens per request (default 16)")
@@ -224,12 +229,22 @@ def _bench(args: argparse.Namespace) -> int:
                    else f"moemesh bench soak --minutes {args.minutes:g}")
         print(bench_soak.run(config, args.minutes, args.write, command))
         return 0
-    levels = [int(c) for c in args.concurrency.split(",")]
-    if not levels or min(levels) < 1:
-        raise ValueError(f"--concurrency: positive integers, got {args.concurrency!r}")
+    levels = _positive_list(args.concurrency, "--concurrency")
+    micro = _positive_list(args.micro_batches, "--micro-batches") if args.micro_batches else None
     command = "moemesh " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("moemesh") else "moemesh bench serve"
-    print(run(config, levels, args.per_client, args.prompt_len, args.max_tokens, args.write, command))
+    print(run(config, levels, args.per_client, args.prompt_len, args.max_tokens, args.write, command,
+              micro_batches=micro, json_path=args.json, model=args.model))
     return 0
+
+
+def _positive_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(c) for c in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise ValueError(f"{flag}: comma-separated positive integers, got {text!r}")
+    return values
 
 
 def _plan_command() -> Command:

@@ -113,7 +113,8 @@ class ExpertsConfig(_Strict):
 
     shards: int | None = Field(None, ge=1, description="Number of shards for an automatic assignment.")
     assignment: list[ShardSpec] | None = Field(None, description="Explicit per-shard expert sets.")
-    batch_wait_ms: float = Field(2.0, ge=0, description="How long a shard waits to merge requests of one layer.")
+    batch_wait_ms: float = Field(0.0, ge=0, description="Extra wait of an idle shard for more requests of a layer "
+                                 "(0: none; requests arriving while it computes are merged anyway).")
     max_batch_tokens: int = Field(8192, ge=1, description="Tokens per merged expert batch.")
     placement: Placement = Field(default_factory=Placement, description="Resources per shard.")
     autoscaling: AutoscalingConfig | None = Field(None, description="The expert controller: replicas of hot "

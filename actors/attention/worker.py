@@ -73,7 +73,7 @@ class AttentionWorker:
         self.registry = role_registry()
         self.registry.register(WorkerCollector(self, Path(model_dir).resolve().name))
         self.step_parts = StepParts()
-        step = RemoteStep(self.model, self.dispatcher, self.engram.lookup if self.engram else None, self.io,
+        self.step = step = RemoteStep(self.model, self.dispatcher, self.engram.lookup if self.engram else None, self.io,
                           timeout_s=2 * recovery.deadline_s + 60,  # an Engram wait, then a layer's, at most
                           engram_latency=engram_latency_histogram(self.registry), micro_batches=micro_batches,
                           on_step=self.step_parts.add)
@@ -86,6 +86,14 @@ class AttentionWorker:
         iteration (client gone, stop string found) frees the request's KV blocks."""
         async for out in self.engine.generate(request_id, prompt_token_ids, RequestParams(**params)):
             yield asdict(Delta(out.new_token_ids, out.finish_reason, out.prompt_tokens, out.completion_tokens))
+
+    def set_micro_batches(self, n: int) -> int:
+        """Change how many micro-batches the coming steps are split into (1 = no overlap) -> the value in force. For
+        `moemesh bench serve`, which compares settings on one running deployment."""
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"micro_batches: an integer >= 1, got {n!r}")
+        self.step.micro_batches = n
+        return n
 
     async def load(self) -> float:
         stats = self.engine.engine.stats()

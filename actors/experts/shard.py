@@ -1,9 +1,11 @@
 """Expert shard: the routed experts that a plan assigns to one process, served to every attention worker.
 
 `ExpertShard` is a plain class (no Ray, no gRPC): it holds an `ExpertBank` per MoE layer for any subset of that
-layer's experts, validates incoming `TokenBatch`es, and batches: requests for the same layer arriving within
-`max_wait_s` (or until `max_tokens` tokens are queued) run as ONE grouped expert computation, whose result is split
-back per request. Each reply is, per token, the weighted sum over the token's experts held here, so the caller
+layer's experts, validates incoming `TokenBatch`es, and batches without idling: a request that finds the shard idle
+runs at once (after the current event-loop pass, so requests that arrived together run together); requests that
+arrive while a computation runs wait for it and then run as ONE grouped computation per layer (or sooner, once
+`max_tokens` tokens are queued), whose result is split back per request. `max_wait_s` > 0 adds a fixed wait for
+others even when idle (worth it only with many attention workers whose requests arrive spread out). Each reply is, per token, the weighted sum over the token's experts held here, so the caller
 combines shards with one add per destination. `server.serve_expert_shard` puts it behind `grpc.aio`.
 
 Shapes: n = tokens, k = expert slots per token, D = hidden, E = routed experts per layer.
@@ -35,7 +37,8 @@ class BatchingConfig(BaseModel):
     """How an expert shard groups requests into computations."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    max_wait_s: float = Field(0.002, ge=0, description="How long a layer's first queued request waits for others.")
+    max_wait_s: float = Field(0.0, ge=0, description="Extra wait of a layer's first queued request for others when "
+                              "the shard is idle (0: none; requests arriving while it computes are merged anyway).")
     max_tokens: int = Field(4096, gt=0, description="A layer's queue runs as soon as it holds this many tokens.")
     max_pending_tokens: int = Field(
         1 << 18, gt=0, description="Accepted-but-unanswered tokens beyond which new requests get Overloaded "
@@ -105,6 +108,7 @@ class ExpertShard:
         self._pending_tokens = 0
         self._tasks: set[asyncio.Task] = set()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-shard")
+        self._computing = 0  # computations handed to the executor and not finished
         self._closed = False
 
     @classmethod
@@ -177,8 +181,10 @@ class ExpertShard:
         queue.tokens += batch.n_tokens
         if queue.tokens >= self.batching.max_tokens:
             self._flush(batch.layer)
-        elif queue.timer is None:
-            queue.timer = loop.call_later(self.batching.max_wait_s, self._flush, batch.layer)
+        elif queue.timer is None and not self._computing:  # busy: the queue runs when the computation ends
+            wait = self.batching.max_wait_s
+            queue.timer = (loop.call_later(wait, self._flush, batch.layer) if wait > 0
+                           else loop.call_soon(self._flush, batch.layer))
         return future
 
     def _flush(self, layer: int) -> None:
@@ -187,9 +193,18 @@ class ExpertShard:
             return
         if queue.timer is not None:
             queue.timer.cancel()
+        self._computing += 1
         task = asyncio.get_running_loop().create_task(self._run(layer, queue.entries))
         self._tasks.add(task)  # keep a reference until done
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._computed)
+
+    def _computed(self, _task) -> None:
+        """A computation ended: once none runs, the queues that formed meanwhile run (one grouped batch each)."""
+        self._computing -= 1
+        if not self._computing:
+            for layer in [layer for layer, q in self._queues.items() if q.timer is None]:
+                self._flush(layer)
 
     async def _run(self, layer: int, entries: list[tuple[TokenBatch, asyncio.Future]]) -> None:
         batches = [b for b, _ in entries]

@@ -1,9 +1,11 @@
 """`moemesh bench serve`: the served cluster against the in-process monolithic engine, same checkpoint, same load.
 
 For each concurrency level, `concurrency` clients each send requests back to back (streaming), and we report decode
-throughput (completion tokens / wall time), TTFT and TPOT p50/p99. The served path goes over HTTP through the
-ingress, attention workers and gRPC shards; the monolithic path drives one in-process `AsyncEngine` holding the whole
-model (no HTTP, no gRPC). A third measurement isolates the Engram lookup inside one attention-worker step.
+throughput (completion tokens / wall time), TTFT and TPOT p50/p99, and the mean step's breakdown. The served path
+goes over HTTP through the ingress, attention workers and gRPC shards, once per `--micro-batches` setting (switched
+live on the running workers); the monolithic path drives one in-process `AsyncEngine` holding the whole model (no
+HTTP, no gRPC). For a model with Engram, a third measurement isolates the Engram lookup inside one attention-worker
+step; the shards' memory closes the run. Output: cluster/bench/serve_report.py.
 """
 
 from __future__ import annotations
@@ -11,40 +13,14 @@ from __future__ import annotations
 import asyncio
 import json
 import platform
-import statistics
 import time
-from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import torch
 
 from moemesh.cluster.bench.report import write_section
-
-
-@dataclass
-class LoadResult:
-    concurrency: int
-    requests: int
-    tokens: int
-    wall_s: float
-    ttft: list[float]
-    tpot: list[float]
-
-    @property
-    def decode_tok_s(self) -> float:
-        return self.tokens / self.wall_s
-
-    def row(self, path: str) -> str:
-        return (f"| {path} | {self.concurrency} | {self.requests} | {self.decode_tok_s:.1f} | "
-                f"{_pct(self.ttft, 50):.3f} | {_pct(self.ttft, 99):.3f} | {_pct(self.tpot, 50) * 1e3:.1f} | "
-                f"{_pct(self.tpot, 99) * 1e3:.1f} |")
-
-
-def _pct(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+from moemesh.cluster.bench.serve_report import LoadResult, Run, as_json, engram_summary, markdown, step_breakdown
 
 
 def prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -54,7 +30,7 @@ def prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
 
 async def _drive(one, prompt_list: list[list[int]], concurrency: int) -> LoadResult:
     """`one(prompt) -> (ttft, token times)`; `concurrency` clients take prompts from a shared queue."""
-    queue = list(prompt_list)
+    queue = list(prompt_list)[::-1]  # popped from the end: in order
     ttft, tpot, tokens = [], [], 0
 
     async def client():
@@ -116,13 +92,9 @@ def machine() -> str:
            f"{torch.__version__}, {accelerators}"
 
 
-TABLE_HEAD = ("| path | concurrency | requests | decode tok/s | TTFT p50 s | TTFT p99 s | TPOT p50 ms | TPOT p99 ms |\n"
-              "|---|---|---|---|---|---|---|---|")
-
-
-# ---- the three measurements ----------------------------------------------------------------------------------------
-async def bench_monolithic(model_dir: str, levels: list[int], per_client: int, prompt_len: int,
-                           max_tokens: int) -> list[LoadResult]:
+# ---- the measurements ------------------------------------------------------------------------------------------------
+async def bench_monolithic(model_dir: str, name: str, levels: list[int], per_client: int, prompt_len: int,
+                           max_tokens: int) -> list[Run]:
     from moemesh.actors.attention.engine import AsyncEngine, CacheConfig, Engine
     from moemesh.actors.attention.scheduler import SchedulerConfig
     from moemesh.kernels.model import load_model
@@ -130,31 +102,90 @@ async def bench_monolithic(model_dir: str, levels: list[int], per_client: int, p
     model = load_model(model_dir)
     engine = AsyncEngine(Engine(model, CacheConfig(num_blocks=8192, block_size=16),
                                 SchedulerConfig(max_num_seqs=max(levels))))
+    clock, runs = engine.engine.clock, []
     try:
-        return [await _drive(engine_one(engine, max_tokens),
-                             prompts(c * per_client, prompt_len, model.config.vocab_size, seed=c), c) for c in levels]
+        await _drive(engine_one(engine, max_tokens), prompts(2, prompt_len, model.config.vocab_size, seed=99), 2)
+        for c in levels:
+            before = (clock.steps, clock.total_s, clock.model_s)
+            load = await _drive(engine_one(engine, max_tokens),
+                                prompts(c * per_client, prompt_len, model.config.vocab_size, seed=c), c)
+            steps = max(clock.steps - before[0], 1)
+            total, compute = (1e3 * (now - then) / steps for now, then in zip((clock.total_s, clock.model_s),
+                                                                               before[1:]))
+            runs.append(Run("monolithic", name, None, load, {"step_ms": total, "compute_ms": compute,
+                                                             "scheduling_ms": max(total - compute, 0.0)}))
     finally:
         await engine.shutdown()
+    return runs
 
 
-def bench_served(config, levels: list[int], per_client: int, prompt_len: int, max_tokens: int,
-                 vocab: int) -> list[LoadResult]:
+class ServedApp:
+    """The deployed app's attention workers and expert shards, through their Serve handles."""
+
+    def __init__(self, config):
+        from ray import serve
+
+        from moemesh.cluster.names import APP_NAME, attention_worker, expert_shard
+
+        self.workers = [serve.get_deployment_handle(attention_worker(k), app_name=APP_NAME)
+                        for k in range(config.attention.replicas)]
+        shards = config.experts.shards or len(config.experts.assignment)
+        self.shards = [serve.get_deployment_handle(expert_shard(i), app_name=APP_NAME) for i in range(shards)]
+
+    async def set_micro_batches(self, n: int) -> None:
+        for w in self.workers:
+            await w.set_micro_batches.remote(n)
+
+    async def counters(self) -> tuple[dict, float]:
+        """(summed worker step counters, summed shard compute seconds)."""
+        parts: dict[str, float] = {}
+        for w in self.workers:
+            for k, v in (await w.stats.remote())["step"].items():
+                parts[k] = parts.get(k, 0) + v
+        compute = sum([(await s.stats.remote()).get("compute_s", 0.0) for s in self.shards])
+        return parts, compute
+
+    async def shard_memory(self) -> list[dict]:
+        """Each expert shard's {name, expert_bytes, rss_bytes, empty_rss_bytes} where the shard reports them."""
+        out = []
+        for i, handle in enumerate(self.shards):
+            stats = await handle.stats.remote()
+            if {"expert_bytes", "rss_bytes", "empty_rss_bytes"} <= set(stats):
+                out.append({"name": f"expert-shard-{i}", **{k: stats[k] for k in ("expert_bytes", "rss_bytes",
+                                                                                   "empty_rss_bytes")}})
+        return out
+
+
+def bench_served(config, name: str, levels: list[int], micro_batches: list[int], per_client: int, prompt_len: int,
+                 max_tokens: int, vocab: int) -> tuple[list[Run], list[dict]]:
     from moemesh.cluster.serve.app import deploy
 
     url = deploy(config)
     keys = config.ingress.api_key_list()
-    one = http_one(url, config.ingress.model_name or "tiny", max_tokens, keys[0] if keys else None)
+    headers = {"Authorization": f"Bearer {keys[0]}"} if keys else {}
+    served_name = httpx.get(f"{url}/models", headers=headers, timeout=60).json()["data"][0]["id"]
+    one = http_one(url, served_name, max_tokens, keys[0] if keys else None)
+    app = ServedApp(config)
 
-    async def all_levels():
+    async def all_runs():
         await _drive(one, prompts(2, prompt_len, vocab, seed=99), 2)  # warm-up: first requests load lazily
-        return [await _drive(one, prompts(c * per_client, prompt_len, vocab, seed=c), c) for c in levels]
+        runs = []
+        for mb in micro_batches:
+            await app.set_micro_batches(mb)
+            for c in levels:
+                before, shard_before = await app.counters()
+                load = await _drive(one, prompts(c * per_client, prompt_len, vocab, seed=c), c)
+                after, shard_after = await app.counters()
+                runs.append(Run("served", name, mb, load, step_breakdown(before, after, shard_after - shard_before)))
+        return runs, await app.shard_memory()
 
-    return asyncio.run(all_levels())
+    return asyncio.run(all_runs())
 
 
 def bench_engram_step(model_dir: str, batch: int = 8, prompt_len: int = 64, steps: int = 40) -> dict[str, float]:
-    """Median decode-step time (batch sequences) of an attention worker's step: Engram rows from local tables (no
-    service), from the Engram service over gRPC with the hot-row cache off, and with it on (warm)."""
+    """An attention worker's decode step (batch sequences, experts on 2 gRPC shards): Engram rows from local tables
+    (no service), from the Engram service over gRPC with the hot-row cache on (as deployed) and off; the variants
+    take turns step by step, so drift in machine load hits them alike. -> `serve_report.engram_summary`."""
     from moemesh.actors.attention.remote_step import RemoteStep
     from moemesh.actors.attention.token_dispatch import Dispatcher, ExpertMap
     from moemesh.actors.engram.client import EngramClient, EngramClientConfig, EngramRoute, GrpcEngramTransport
@@ -179,61 +210,55 @@ def bench_engram_step(model_dir: str, batch: int = 8, prompt_len: int = 64, step
     async def local(hash_ids):
         return model.lookup_engram(hash_ids)
 
-    lookups = {"local tables (no service)": local,
-               "Engram service, cache off": EngramClient(cfg, routes, transport,
-                                                         EngramClientConfig(cache_rows=0)).lookup,
-               "Engram service, hot-row cache on": EngramClient(cfg, routes, transport,
-                                                                EngramClientConfig(cache_rows=65536)).lookup}
-    # the variants take turns step by step, so drift in machine load hits them alike
+    lookups = {"local": local,
+               "service": EngramClient(cfg, routes, transport, EngramClientConfig(cache_rows=65536)).lookup,
+               "service_no_cache": EngramClient(cfg, routes, transport, EngramClientConfig(cache_rows=0)).lookup}
     runs = {name: (RemoteStep(model, dispatcher, lookup, io), [model.new_cache() for _ in range(batch)],
                    prompts(batch, prompt_len, cfg.vocab_size, seed=7), []) for name, lookup in lookups.items()}
+    waits = []
     try:
-        for _ in range(steps + 1):
+        for i in range(steps + 1):
             for name, (step, caches, feed, times) in runs.items():
                 start = time.perf_counter()
                 hidden = step(feed, caches)
                 times.append(time.perf_counter() - start)
+                if name == "service" and i:
+                    waits.append(step.last.wait_engram)
                 last = torch.cumsum(torch.tensor([len(f) for f in feed]), 0) - 1
                 feed[:] = [[t] for t in model.logits(hidden[last]).argmax(-1).tolist()]
-        out = {name: statistics.median(times[1:]) for name, (_, _, _, times) in runs.items()}  # [0]: prefill
+        return engram_summary({name: times[1:] for name, (_, _, _, times) in runs.items()}, waits)  # [0]: prefill
     finally:
         io.close()
         for host in experts + engram:
             host.shutdown()
-    return out
-
-
-def report(levels, served: list[LoadResult], mono: list[LoadResult], engram: dict[str, float], command: str,
-           settings: str) -> str:
-    lines = ["## Serving (`moemesh bench serve`)", "", f"Command: `{command}`  ", f"Machine: {machine()}  ",
-             f"Load: {settings}", "", TABLE_HEAD]
-    for s, m in zip(served, mono):
-        lines += [s.row("served cluster (HTTP + gRPC)"), m.row("in-process monolithic engine")]
-    ratio = ", ".join(f"c={s.concurrency}: {s.decode_tok_s / m.decode_tok_s:.2f}x" for s, m in zip(served, mono))
-    lines += ["", f"Served / monolithic decode throughput: {ratio}.", "",
-              "Decode step of one attention worker (8 sequences, experts on 2 gRPC shards), median of 40 steps, the "
-              "three variants taking turns:", "",
-              "| Engram rows from | step ms |", "|---|---|"]
-    lines += [f"| {name} | {t * 1e3:.1f} |" for name, t in engram.items()]
-    return "\n".join(lines) + "\n"
 
 
 def run(config, levels: list[int], per_client: int, prompt_len: int, max_tokens: int, write: str | None,
-        command: str) -> str:
+        command: str, micro_batches: list[int] | None = None, json_path: str | None = None,
+        model: str | None = None) -> str:
+    """Everything above on one model (`model`: a built-in name or a checkpoint path; default the config's) ->
+    the markdown section (also written to `write`); `json_path` gets the JSON."""
     from moemesh.cluster.serve.app import resolve_model
     from moemesh.kernels.config import ModelConfig
 
-    model_dir = resolve_model(config.model)
+    name = model or config.model
+    model_dir = resolve_model(name)
     config = config.model_copy(update={"model": model_dir})
-    vocab = ModelConfig.from_file(model_dir).vocab_size
-    mono = asyncio.run(bench_monolithic(model_dir, levels, per_client, prompt_len, max_tokens))
-    engram = bench_engram_step(model_dir)
-    served = bench_served(config, levels, per_client, prompt_len, max_tokens, vocab)
-    settings = (f"{per_client} requests per client, prompt {prompt_len} tokens, {max_tokens} new tokens, greedy; "
-                f"served: {config.attention.replicas} attention worker(s), "
-                f"{config.experts.shards or len(config.experts.assignment)} expert shards, "
-                f"{config.engram.shards}x{config.engram.replicas} Engram shards, all on this machine")
-    text = report(levels, served, mono, engram, command, settings)
+    micro_batches = micro_batches or [config.attention.micro_batches]
+    mcfg = ModelConfig.from_file(model_dir)
+    mono = asyncio.run(bench_monolithic(model_dir, name, levels, per_client, prompt_len, max_tokens))
+    engram = bench_engram_step(model_dir) if mcfg.has_engram else None
+    served, shards = bench_served(config, name, levels, micro_batches, per_client, prompt_len, max_tokens,
+                                  mcfg.vocab_size)
+    load = (f"model {name}; {per_client} requests per client, prompt {prompt_len} tokens, {max_tokens} new tokens, "
+            f"greedy; served: {config.attention.replicas} attention worker(s), "
+            f"{config.experts.shards or len(config.experts.assignment)} expert shards, "
+            f"{config.engram.shards}x{config.engram.replicas} Engram shards, all on this machine")
+    runs = [r for c in levels for r in [*(m for m in mono if m.load.concurrency == c),
+                                         *(s for s in served if s.load.concurrency == c)]]
+    if json_path:
+        Path(json_path).write_text(as_json(runs, engram, shards, machine(), command, load))
+    text = markdown(runs, engram, shards, machine(), command, load)
     if write:
         write_section(write, text)
     return text

@@ -98,6 +98,7 @@ class ExpertShardHost(_GrpcHost):
     def stats(self) -> dict:
         c = self.shard.counters
         return {"address": self.address, "requests": c.requests, "batches": c.batches, "tokens": c.tokens,
+                "compute_s": c.compute_s,
                 "collective_requests": self.collective.requests if self.collective is not None else None}
 
     def shutdown(self) -> None:

@@ -120,6 +120,40 @@ def test_concurrent_workers_merge_into_one_computation_over_grpc():
         torch.testing.assert_close(out, _direct(shard, b))
 
 
+def test_an_idle_shard_computes_at_once_and_merges_what_arrives_while_it_computes():
+    """Default batching (no idle wait): a lone request runs as soon as it arrives; three that arrive while that
+    computation runs wait for it, then run as one."""
+    import threading
+
+    shard = ExpertShard.from_tensors(CFG, {1: range(E)}, TENSORS)
+    assert shard.batching.max_wait_s == 0
+    gate, real, sizes = threading.Event(), shard._compute, []
+
+    def gated(layer, batches):
+        sizes.append(len(batches))
+        if len(sizes) == 1:
+            assert gate.wait(10)  # the first computation holds until the others have queued
+        return real(layer, batches)
+
+    shard._compute = gated
+    later = [_batch(2, seed=s) for s in range(3)]
+
+    async def main():
+        first = asyncio.ensure_future(shard.dispatch(_batch(3)))
+        while not sizes:  # the lone request started computing without waiting for company
+            await asyncio.sleep(0.001)
+        rest = [asyncio.ensure_future(shard.dispatch(b)) for b in later]
+        while shard._queues.get(1) is None or shard._queues[1].tokens < 6:
+            await asyncio.sleep(0.001)
+        gate.set()
+        return await asyncio.wait_for(asyncio.gather(first, *rest), 10)
+
+    outs = asyncio.run(main())
+    assert sizes == [1, 3] and shard.counters.batches == 2
+    for out, b in zip(outs, [_batch(3), *later]):
+        torch.testing.assert_close(out, _direct(shard, b))
+
+
 def test_max_wait_runs_a_partial_batch_and_max_tokens_a_full_one():
     shard = ExpertShard.from_tensors(CFG, {1: range(E)}, TENSORS,
                                      batching=BatchingConfig(max_wait_s=0.05, max_tokens=8))
