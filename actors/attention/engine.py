@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from moemesh.actors.attention.blocks import CacheLayout
 from moemesh.actors.attention.paged_cache import KVCacheUsage, PagedKVCache
-from moemesh.actors.attention.sampler import LogitsProcessor, SampleRow, Sampled, prompt_logprobs, sample_rows
+from moemesh.actors.attention.sampler import LogitsProcessor, Sampled, SampleRow, prompt_logprobs, sample_rows
 from moemesh.actors.attention.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from moemesh.actors.attention.sequence import Sequence
 from moemesh.actors.request import FinishReason, RequestParams, TokenLogprobs, check_token_ids
