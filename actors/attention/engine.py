@@ -81,8 +81,12 @@ class _Request:
         return self.params.replay_chunks[0] if self.params.replay_chunks else len(self.seq.prompt_token_ids)
 
     def row(self) -> SampleRow:
-        tokens, n = self.seq.token_ids, self.num_prompt
-        return SampleRow(self.params, self.sampling, self.generator, tokens[:n], tokens[n:], self.processors)
+        seq, n = self.seq, self.num_prompt
+        if n == len(seq.prompt_token_ids):  # no copies: a request without penalties pays nothing here
+            prompt, output = seq.prompt_token_ids, seq.output_token_ids
+        else:
+            prompt, output = seq.prompt_token_ids[:n], seq.prompt_token_ids[n:] + seq.output_token_ids
+        return SampleRow(self.params, self.sampling, self.generator, prompt, output, self.processors)
 
 
 class Engine:
@@ -192,8 +196,8 @@ class Engine:
         if not rows:
             return {}
         logits = self.model.logits(hidden[torch.tensor(rows, device=hidden.device)])  # [n, V]
-        sampling = [c.seq.request_id for c in plan.chunks if c.sample]
-        return dict(zip(sampling, sample_rows(logits, [self._requests[rid].row() for rid in sampling])))
+        rids = [c.seq.request_id for c in plan.chunks if c.sample]
+        return dict(zip(rids, sample_rows(logits, [self._requests[rid].row() for rid in rids])))
 
     def _prompt_logprobs(self, plan: SchedulerOutput, hidden: torch.Tensor, ends: list[int]) -> None:
         """For requests that asked: the logprobs of the prompt tokens that this step's chunks predict (position p

@@ -171,7 +171,7 @@ class Choice:
             self.first_token_at = now
         if self.echo_only:
             delta = replace(delta, token_ids=[], completion_tokens=0, logprobs=None,
-                            finish_reason="length" if delta.finish_reason else None)
+                            finish_reason="length" if delta.finish_reason == "stop" else delta.finish_reason)
         if self.logprobs is not None:
             if delta.prompt_logprobs is not None:
                 self.logprobs.add_prompt(self.prompt_ids, delta.prompt_logprobs)

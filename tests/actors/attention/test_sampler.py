@@ -210,3 +210,15 @@ def test_greedy_with_penalties_matches_a_reference_decode(model):
 def test_engine_refuses_a_bias_outside_the_vocabulary(model):
     with pytest.raises(ValueError, match="logit_bias"):
         Engine(model).add_request("x", [5], RequestParams(logit_bias={model.config.vocab_size: 1.0}))
+
+
+def test_rows_without_penalties_pay_nothing_for_them(monkeypatch):
+    import moemesh.actors.attention.sampler as sampler
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("counted tokens for a batch without penalties")
+
+    monkeypatch.setattr(sampler, "token_counts", refuse)
+    logits = torch.randn(3, 20, generator=torch.Generator().manual_seed(6))
+    rows = [_row(RequestParams(logit_bias={1: 1.0}), [1, 2], [3]), _row(RequestParams(logprobs=1), [4], [5, 5])]
+    assert len(sample_rows(logits, rows + [_row(RequestParams(), [1], [])])) == 3

@@ -1,8 +1,8 @@
 """Logprobs, penalties and logit_bias end to end: the official `openai` client, and lm-evaluation-harness's
 `local-completions` model, against a real uvicorn server running the ingress over the in-process engine on `tiny`.
 Logprobs are checked against the in-process model (`DeepseekV4.forward` on the same checkpoint, fed as the engine
-feeds it, log_softmax in float64) to LOGPROB_ATOL; penalties against the engine run directly with the same parameters (their arithmetic is
-checked against float64 in tests/actors/attention/test_sampler.py)."""
+feeds it, log_softmax in float64) to LOGPROB_ATOL; penalties against the engine run directly with the same
+parameters (their arithmetic is checked against float64 in tests/actors/attention/test_sampler.py)."""
 
 from __future__ import annotations
 
