@@ -60,14 +60,16 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 
 
 def token_counts(token_ids: Sequence[Sequence[int]], vocab_size: int, device=None) -> torch.Tensor:
-    """How often each token occurs in each row's list -> counts [n, V] (float32)."""
+    """How often each token occurs in each row's list -> counts [n, V] (float32), built on `device` (only the ids
+    travel there, not the [n, V] counts)."""
     longest = max((len(t) for t in token_ids), default=0)
     padded = torch.full((len(token_ids), longest), vocab_size, dtype=torch.long)  # pad = one extra column, dropped
     for i, ids in enumerate(token_ids):
         padded[i, :len(ids)] = torch.as_tensor(list(ids), dtype=torch.long)
-    counts = torch.zeros(len(token_ids), vocab_size + 1, dtype=torch.float32)
+    padded = padded.to(device)
+    counts = torch.zeros(len(token_ids), vocab_size + 1, dtype=torch.float32, device=padded.device)
     counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=torch.float32))
-    return counts[:, :vocab_size].to(device)
+    return counts[:, :vocab_size]
 
 
 def apply_logit_bias(logits: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
