@@ -1,6 +1,7 @@
 """A request from the HTTP edge to the sampler: one parameters type (`RequestParams`, built by the ingress, carried to
-the attention worker, turned into `SamplingParams` there), what a worker streams back (`Delta`: token ids only; the
-ingress is the one place that detokenizes), and the one check of token ids against a vocabulary.
+the attention worker, turned into `SamplingParams` there), what a worker streams back (`Delta`: token ids and, when
+asked, their logprobs as `TokenLogprobs`; the ingress is the one place that detokenizes), and the one check of token
+ids against a vocabulary.
 
 No tensors and no I/O: the ingress (actors/ingress/) and the attention worker (actors/attention/) both import this.
 """
@@ -19,6 +20,8 @@ FinishReason = Literal["stop", "length", "abort"]
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
 MAX_STOP_TOKEN_IDS = 64
+MAX_LOGPROBS = 20  # most alternatives per position (OpenAI's chat top_logprobs limit; vLLM's default max_logprobs)
+MAX_LOGIT_BIAS = 1024  # most entries of logit_bias
 
 
 class RequestParams(BaseModel):
@@ -38,6 +41,18 @@ class RequestParams(BaseModel):
     stop_token_ids: list[int] = Field(default_factory=list, description="Token ids that end the request (besides "
                                       "the model's eos); their text is not returned.")
     ignore_eos: bool = Field(False, description="Keep generating past the model's eos token.")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="Return each generated token's logprob "
+                                 "and this many most likely alternatives at its position; None = off.")
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="The same for every prompt token "
+                                        "but the first (computed in prefill); None = off.")
+    presence_penalty: float = Field(0.0, ge=-2, le=2, description="Subtracted from the logit of every token that "
+                                    "occurs in the output so far.")
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, description="Times the token's count in the output so far, "
+                                     "subtracted from its logit.")
+    repetition_penalty: float = Field(1.0, gt=0, description="Tokens seen in the prompt or the output: a positive "
+                                      "logit is divided by it, a negative one multiplied; 1 = off.")
+    logit_bias: dict[int, float] = Field(default_factory=dict, description=f"Token id -> added to its logit, in "
+                                         f"[-100, 100]; at most {MAX_LOGIT_BIAS} entries.")
     replay_chunks: list[int] = Field(default_factory=list, description="A request moved from a lost worker: the "
                                      "chunks its prompt tokens were fed in there (the original prompt, then one per "
                                      "generated token); fed the same way here so the continuation is exact. Empty: "
@@ -48,6 +63,16 @@ class RequestParams(BaseModel):
     def _positive_chunks(cls, v: list[int]) -> list[int]:
         if any(k < 1 for k in v):
             raise ValueError(f"replay_chunks: every chunk needs 1 or more tokens, got {v[:8]}")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bounded_bias(cls, v: dict[int, float]) -> dict[int, float]:
+        if len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} entries, got {len(v)}")
+        bad = {t: b for t, b in v.items() if t < 0 or not -100 <= b <= 100}
+        if bad:
+            raise ValueError(f"token ids are >= 0 and biases in [-100, 100], got {dict(list(bad.items())[:5])}")
         return v
 
     @field_validator("stop", mode="before")
@@ -81,18 +106,45 @@ class RequestParams(BaseModel):
 
 
 @dataclass(frozen=True)
+class TokenLogprobs:
+    """Logprobs of a run of tokens, one entry per token: its own logprob, and the ids and logprobs of the most likely
+    tokens at its position (largest first; as many as asked for, possibly none). Plain lists: it crosses processes."""
+
+    logprobs: list[float] = field(default_factory=list)
+    top_ids: list[list[int]] = field(default_factory=list)
+    top_logprobs: list[list[float]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.logprobs)
+
+    def __add__(self, other: TokenLogprobs) -> TokenLogprobs:
+        return TokenLogprobs(self.logprobs + other.logprobs, self.top_ids + other.top_ids,
+                             self.top_logprobs + other.top_logprobs)
+
+
+@dataclass(frozen=True)
 class Delta:
     """What a worker streams for one sequence: its new token ids since the last delta. Text is the ingress's job
     (stop strings included: it cuts there and aborts the sequence). `finish_reason` is set on the last delta and only
     there ("stop" from a worker: a stop token, eos or one of `stop_token_ids`, ended the sequence). `completion_tokens`:
     the cumulative count as the worker sees it; when given it is what `usage` reports, otherwise the ingress counts the
     ids it received. `prompt_tokens` is informational: the ingress always reports the prompt it tokenized (a worker that
-    re-prefilled after a failover sees more)."""
+    re-prefilled after a failover sees more). `logprobs`: of `token_ids`, when the request asked (`RequestParams.
+    logprobs`); `prompt_logprobs`: on the first delta, of prompt tokens 1.. (the first has none). `asdict(delta)` and
+    `Delta(**that)` round-trip (what crosses a process boundary)."""
 
     token_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    logprobs: TokenLogprobs | None = None
+    prompt_logprobs: TokenLogprobs | None = None
+
+    def __post_init__(self):
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                object.__setattr__(self, name, TokenLogprobs(**value))
 
 
 def check_token_ids(ids: Iterable[int], vocab_size: int, param: str) -> list[int]:

@@ -12,21 +12,23 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from moemesh.actors.attention.blocks import CacheLayout
 from moemesh.actors.attention.paged_cache import KVCacheUsage, PagedKVCache
+from moemesh.actors.attention.sampler import LogitsProcessor, Sampled, SampleRow, prompt_logprobs, sample_rows
 from moemesh.actors.attention.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from moemesh.actors.attention.sequence import Sequence
-from moemesh.actors.request import FinishReason, RequestParams, check_token_ids
+from moemesh.actors.request import FinishReason, RequestParams, TokenLogprobs, check_token_ids
 from moemesh.kernels.decode_state import SequenceCache
 from moemesh.kernels.model import DeepseekV4
-from moemesh.kernels.sampling import SamplingParams, sample
+from moemesh.kernels.sampling import SamplingParams
 
 ModelStep = Callable[[Seq[Seq[int]], Seq[SequenceCache]], torch.Tensor]
+PROMPT_LOGITS_ROWS = 512  # prompt positions turned into logits at once for prompt logprobs ([rows, V] float32)
 
 
 class CacheConfig(BaseModel):
@@ -42,13 +44,16 @@ class CacheConfig(BaseModel):
 @dataclass
 class RequestOutput:
     """What one step produced for one request: its new token(s) and, on its last output, why it finished. Token ids
-    only: text (and stop strings) are the ingress's (actors/ingress/), the one place that detokenizes."""
+    only: text (and stop strings) are the ingress's (actors/ingress/), the one place that detokenizes. `logprobs` of
+    the new tokens and (on the first output) `prompt_logprobs`, when the request asked."""
 
     request_id: str
     new_token_ids: list[int]
     finish_reason: FinishReason | None
     prompt_tokens: int
     completion_tokens: int
+    logprobs: TokenLogprobs | None = None
+    prompt_logprobs: TokenLogprobs | None = None
 
 
 @dataclass
@@ -80,6 +85,23 @@ class _Request:
     sampling: SamplingParams
     generator: torch.Generator | None
     cache: SequenceCache | None = None
+    processors: list[LogitsProcessor] = field(default_factory=list)
+    prompt_lp: TokenLogprobs | None = None  # prompt logprobs so far (positions 0.. predict tokens 1..), if asked
+    prompt_lp_sent: bool = False
+
+    @property
+    def num_prompt(self) -> int:
+        """The request's own prompt: a moved request's prompt ends with tokens it generated elsewhere (their first
+        replay chunk is the original prompt), which the penalties count as output."""
+        return self.params.replay_chunks[0] if self.params.replay_chunks else len(self.seq.prompt_token_ids)
+
+    def row(self) -> SampleRow:
+        seq, n = self.seq, self.num_prompt
+        if n == len(seq.prompt_token_ids):  # no copies: a request without penalties pays nothing here
+            prompt, output = seq.prompt_token_ids, seq.output_token_ids
+        else:
+            prompt, output = seq.prompt_token_ids[:n], seq.prompt_token_ids[n:] + seq.output_token_ids
+        return SampleRow(self.params, self.sampling, self.generator, prompt, output, self.processors)
 
 
 class Engine:
@@ -124,6 +146,7 @@ class Engine:
             raise ValueError(f"max_tokens: prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} exceed "
                              f"the context of {self.max_model_len} tokens")
         check_token_ids(params.stop_token_ids, V, "stop_token_ids")
+        check_token_ids(params.logit_bias, V, "logit_bias")
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self._eos)
         seq = Sequence(request_id, prompt, params.max_tokens, stop_ids)
         if params.replay_chunks:
@@ -134,13 +157,18 @@ class Engine:
         self.scheduler.check(seq)
         return seq
 
-    def add_request(self, request_id: str, prompt_token_ids: Seq[int], params: RequestParams | None = None) -> None:
-        """Queue a request; it joins the running batch at a coming step. ValueError for a bad request."""
+    def add_request(self, request_id: str, prompt_token_ids: Seq[int], params: RequestParams | None = None,
+                    processors: Seq[LogitsProcessor] = ()) -> None:
+        """Queue a request; it joins the running batch at a coming step. ValueError for a bad request. `processors`
+        adjust its logits before each sample (see `LogitsProcessor`)."""
         params = params or RequestParams()
         seq = self.check_request(request_id, prompt_token_ids, params)
         self.scheduler.add(seq)
         sampling = params.sampling()
-        self._requests[request_id] = _Request(seq, params, sampling, sampling.generator(self.model.device))
+        self._requests[request_id] = _Request(seq, params, sampling, sampling.generator(self.model.device),
+                                              processors=list(processors))
+        if params.prompt_logprobs is not None:
+            self._requests[request_id].prompt_lp = TokenLogprobs()
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """End a request now and free its memory -> its last output (finish_reason "abort"); None if unknown."""
@@ -173,8 +201,8 @@ class Engine:
         self.clock.total_s += time.perf_counter() - started
         return outputs
 
-    def _run(self, plan: SchedulerOutput) -> dict[str, int]:
-        """Feed the chunks, sample the sequences that reached their end -> {request_id: token}."""
+    def _run(self, plan: SchedulerOutput) -> dict[str, Sampled]:
+        """Feed the chunks, sample the sequences that reached their end -> {request_id: sampled}."""
         caches = []
         for chunk in plan.chunks:
             req = self._requests[chunk.seq.request_id]
@@ -185,34 +213,50 @@ class Engine:
         hidden = self.model_step([c.token_ids for c in plan.chunks], caches)  # [N, D]
         self.clock.model_s += time.perf_counter() - started
         ends = torch.tensor([len(c.token_ids) for c in plan.chunks]).cumsum(0) - 1
+        self._prompt_logprobs(plan, hidden, ends.tolist())
         rows = [int(e) for c, e in zip(plan.chunks, ends) if c.sample]
         if not rows:
             return {}
         logits = self.model.logits(hidden[torch.tensor(rows, device=hidden.device)])  # [n, V]
-        sampled = {}
-        for j, chunk in enumerate(c for c in plan.chunks if c.sample):
-            req = self._requests[chunk.seq.request_id]
-            sampled[chunk.seq.request_id] = int(sample(logits[j:j + 1], req.sampling, req.generator)[0])
-        return sampled
+        rids = [c.seq.request_id for c in plan.chunks if c.sample]
+        return dict(zip(rids, sample_rows(logits, [self._requests[rid].row() for rid in rids])))
 
-    def _postprocess(self, plan: SchedulerOutput, sampled: dict[str, int]) -> list[RequestOutput]:
-        self.scheduler.update(plan, sampled)
+    def _prompt_logprobs(self, plan: SchedulerOutput, hidden: torch.Tensor, ends: list[int]) -> None:
+        """For requests that asked: the logprobs of the prompt tokens that this step's chunks predict (position p
+        predicts token p + 1). Positions already done (before a preemption) are not done again."""
+        for chunk, end in zip(plan.chunks, ends):
+            req = self._requests[chunk.seq.request_id]
+            k, got = req.params.prompt_logprobs, req.prompt_lp
+            if got is None:
+                continue
+            first, last = max(chunk.start, len(got)), min(chunk.start + len(chunk.token_ids), req.num_prompt - 1)
+            base = end + 1 - len(chunk.token_ids) - chunk.start  # hidden row of position 0
+            for p in range(first, last, PROMPT_LOGITS_ROWS):
+                q = min(p + PROMPT_LOGITS_ROWS, last)
+                logits = self.model.logits(hidden[base + p:base + q])  # [q - p, V]
+                got = got + prompt_logprobs(logits, req.seq.prompt_token_ids[p + 1:q + 1], k)
+            req.prompt_lp = got
+
+    def _postprocess(self, plan: SchedulerOutput, sampled: dict[str, Sampled]) -> list[RequestOutput]:
+        self.scheduler.update(plan, {rid: s.token for rid, s in sampled.items()})
         outputs = []
         for chunk in plan.chunks:
             rid = chunk.seq.request_id
             if rid not in sampled or rid not in self._requests:
                 continue
-            req, token = self._requests[rid], sampled[rid]
+            req, s = self._requests[rid], sampled[rid]
             if req.seq.finish_reason is not None:
                 del self._requests[rid]
-            outputs.append(self._output(req, [token]))
+            outputs.append(self._output(req, [s.token], s.logprobs))
         return outputs
 
     @staticmethod
-    def _output(req: _Request, tokens: list[int]) -> RequestOutput:
+    def _output(req: _Request, tokens: list[int], logprobs: TokenLogprobs | None = None) -> RequestOutput:
         seq = req.seq
+        prompt_lp = None if req.prompt_lp_sent else req.prompt_lp  # with the first output only
+        req.prompt_lp_sent = True
         return RequestOutput(seq.request_id, tokens, seq.finish_reason, len(seq.prompt_token_ids),
-                             len(seq.output_token_ids))
+                             len(seq.output_token_ids), logprobs, prompt_lp)
 
 
 class AsyncEngine:

@@ -85,7 +85,8 @@ class AttentionWorker:
         """Stream `Delta`s (token ids; the ingress detokenizes and cuts at stop strings) as dicts. Stopping the
         iteration (client gone, stop string found) frees the request's KV blocks."""
         async for out in self.engine.generate(request_id, prompt_token_ids, RequestParams(**params)):
-            yield asdict(Delta(out.new_token_ids, out.finish_reason, out.prompt_tokens, out.completion_tokens))
+            yield asdict(Delta(out.new_token_ids, out.finish_reason, out.prompt_tokens, out.completion_tokens,
+                               out.logprobs, out.prompt_logprobs))
 
     def set_micro_batches(self, n: int) -> int:
         """Change how many micro-batches the coming steps are split into (1 = no overlap) -> the value in force. For

@@ -17,7 +17,6 @@ import asyncio
 import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Coroutine, Sequence
 from pathlib import Path
 
@@ -29,26 +28,21 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from moemesh import __version__
+from moemesh.actors.ingress.formats import ChatFormat, CompletionFormat
 from moemesh.actors.ingress.gate import Admission, ApiKeys, Gate
 from moemesh.actors.ingress.generation import Choice, Generation, LeastLoadedRouter, Worker
+from moemesh.actors.ingress.logprobs import LogprobsBuffer
 from moemesh.actors.ingress.metrics import Metrics, process_metrics
 from moemesh.actors.ingress.protocol import (
-    ChatChoice,
-    ChatChunkChoice,
-    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    ChatMessageOut,
-    CompletionChoice,
     CompletionRequest,
     CompletionResponse,
     ErrorResponse,
-    FinishReason,
     IngressLimits,
     ModelCard,
     ModelList,
     OpenAIError,
-    Usage,
     bad_request,
     inline_schema,
     parse_json_body,
@@ -122,11 +116,11 @@ class Ingress:
     # ---- endpoints ----
     async def completions(self, request: Request) -> Response:
         """POST /v1/completions."""
-        return await self._generate(request, CompletionRequest, _CompletionFormat)
+        return await self._generate(request, CompletionRequest, CompletionFormat)
 
     async def chat_completions(self, request: Request) -> Response:
         """POST /v1/chat/completions."""
-        return await self._generate(request, ChatCompletionRequest, _ChatFormat)
+        return await self._generate(request, ChatCompletionRequest, ChatFormat)
 
     async def list_models(self) -> dict:
         return ModelList(data=[self._card()]).model_dump()
@@ -152,7 +146,7 @@ class Ingress:
 
     # ---- one generation request ----
     async def _generate(self, request: Request, request_cls: type[CompletionRequest | ChatCompletionRequest],
-                        format_cls: type[_CompletionFormat]) -> Response:
+                        format_cls: type[CompletionFormat]) -> Response:
         arrival = time.perf_counter()
         try:
             req = request_cls.model_validate(parse_json_body(await _read_body(request, self.limits.max_body_bytes)))
@@ -168,7 +162,7 @@ class Ingress:
         self.metrics.ingress_requests_in_progress.labels(self.model_name).inc()
         return await (self._stream(request, gen, fmt) if req.stream else self._complete(request, gen, fmt))
 
-    async def _stream(self, request: Request, gen: Generation, fmt: _CompletionFormat) -> Response:
+    async def _stream(self, request: Request, gen: Generation, fmt: CompletionFormat) -> Response:
         """Wait for the first event (so a request failing early still gets an error status), then stream."""
         events = gen.events()
 
@@ -189,7 +183,7 @@ class Ingress:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                                  background=BackgroundTask(self._done, gen))
 
-    async def _event_stream(self, gen: Generation, fmt: _CompletionFormat, head: Choice,
+    async def _event_stream(self, gen: Generation, fmt: CompletionFormat, head: Choice,
                             events: AsyncIterator[Choice]) -> AsyncIterator[str]:
         failed = False
         try:
@@ -210,7 +204,7 @@ class Ingress:
             self._done(gen, failed)
         yield "data: [DONE]\n\n"
 
-    async def _complete(self, request: Request, gen: Generation, fmt: _CompletionFormat) -> Response:
+    async def _complete(self, request: Request, gen: Generation, fmt: CompletionFormat) -> Response:
         texts: dict[int, list[str]] = {c.index: [] for c in gen.choices}
 
         async def drain() -> None:
@@ -233,18 +227,31 @@ class Ingress:
     def _choices(self, req: CompletionRequest | ChatCompletionRequest, request_id: str) -> tuple[list[Choice], int]:
         """The worker sequences of a request: n per prompt, choice index = prompt index * n + j, seed + j."""
         self._check_tokens(req.stop_token_ids, "stop_token_ids")
+        bias = req.bias()
+        self._check_tokens(list(bias), "logit_bias")
+        chat = isinstance(req, ChatCompletionRequest)
+        if chat:
+            logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        else:
+            logprobs = req.logprobs
+        prompt_logprobs = None if chat or not req.echo else req.logprobs
         choices, prompt_tokens = [], 0
         for p, (ids, echo) in enumerate(self._prompts(req)):
             max_tokens = self._max_tokens(len(ids), req)
             prompt_tokens += len(ids)
             for j in range(req.n):
                 params = self._params(
-                    max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=max(req.top_k, 0),
-                    seed=None if req.seed is None else (req.seed + j) % 2**63, stop=req.stop,
-                    stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos)
+                    max_tokens=max(max_tokens, 1), temperature=req.temperature, top_p=req.top_p,
+                    top_k=max(req.top_k, 0), seed=None if req.seed is None else (req.seed + j) % 2**63, stop=req.stop,
+                    stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs,
+                    prompt_logprobs=prompt_logprobs, presence_penalty=req.presence_penalty,
+                    frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
+                    logit_bias=bias)
                 index = p * req.n + j
+                buffer = None if logprobs is None else LogprobsBuffer(self.codec.token_piece,
+                                                                      "chat" if chat else "completion")
                 choices.append(Choice(index, f"{request_id}-{index}", ids, params, self.codec.decoder(),
-                                      StopCutter(req.stop), echo))
+                                      StopCutter(req.stop), echo, logprobs=buffer, echo_only=max_tokens == 0))
         return choices, prompt_tokens
 
     def _prompts(self, req: CompletionRequest | ChatCompletionRequest) -> list[tuple[list[int], str]]:
@@ -336,66 +343,6 @@ class Ingress:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return self._error(OpenAIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
                                        code=code))
-
-
-# ---- response shapes -----------------------------------------------------------------------------------------------
-class _CompletionFormat:
-    """/v1/completions answers and stream chunks (object "text_completion")."""
-
-    prefix = "cmpl"
-
-    def __init__(self, model: str, include_usage: bool):
-        self.id, self.created = f"{self.prefix}-{uuid.uuid4().hex}", int(time.time())
-        self.model, self.include_usage = model, include_usage
-
-    def _head(self) -> dict:
-        return {"id": self.id, "created": self.created, "model": self.model}
-
-    def opening(self, choices: list[Choice]) -> list[dict]:
-        return []
-
-    def chunk(self, choice: Choice, text: str) -> dict | None:
-        if not text and choice.finish_reason is None:
-            return None
-        out = CompletionResponse(**self._head(), choices=[
-            CompletionChoice(index=choice.index, text=text, finish_reason=choice.finish_reason)])
-        return out.model_dump(exclude=None if self.include_usage else {"usage"})
-
-    def usage_chunk(self, usage: dict) -> dict:
-        return CompletionResponse(**self._head(), choices=[], usage=Usage(**usage)).model_dump()
-
-    def response(self, choices: list[Choice], texts: dict[int, str], usage: dict) -> dict:
-        return CompletionResponse(**self._head(), usage=Usage(**usage), choices=[
-            CompletionChoice(index=c.index, text=texts[c.index], finish_reason=c.finish_reason) for c in choices
-        ]).model_dump()
-
-
-class _ChatFormat(_CompletionFormat):
-    """/v1/chat/completions answers (object "chat.completion") and chunks ("chat.completion.chunk"): the first chunk
-    of each choice carries the role, the last one the finish_reason (with an empty delta if no text is left)."""
-
-    prefix = "chatcmpl"
-
-    def opening(self, choices: list[Choice]) -> list[dict]:
-        return [self._chunk(c.index, {"role": "assistant", "content": ""}, None) for c in choices]
-
-    def chunk(self, choice: Choice, text: str) -> dict | None:
-        if not text and choice.finish_reason is None:
-            return None
-        return self._chunk(choice.index, {"content": text} if text else {}, choice.finish_reason)
-
-    def _chunk(self, index: int, delta: dict, finish_reason: FinishReason | None) -> dict:
-        out = ChatCompletionChunk(**self._head(), choices=[
-            ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason)])
-        return out.model_dump(exclude=None if self.include_usage else {"usage"})
-
-    def usage_chunk(self, usage: dict) -> dict:
-        return ChatCompletionChunk(**self._head(), choices=[], usage=Usage(**usage)).model_dump()
-
-    def response(self, choices: list[Choice], texts: dict[int, str], usage: dict) -> dict:
-        return ChatCompletionResponse(**self._head(), usage=Usage(**usage), choices=[
-            ChatChoice(index=c.index, message=ChatMessageOut(content=texts[c.index]), finish_reason=c.finish_reason)
-            for c in choices]).model_dump()
 
 
 # ---- HTTP helpers --------------------------------------------------------------------------------------------------

@@ -15,9 +15,10 @@ import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
+from moemesh.actors.ingress.logprobs import LogprobsBuffer
 from moemesh.actors.ingress.protocol import OpenAIError, WorkerError, too_many_requests, unavailable
 from moemesh.actors.ingress.text import IncrementalDecoder, StopCutter
 from moemesh.actors.request import Delta, FinishReason, RequestParams
@@ -145,7 +146,9 @@ async def _none() -> None:
 # ---- one request's choices on a worker -----------------------------------------------------------------------------
 @dataclass
 class Choice:
-    """One choice: the worker sequence behind it and its text so far."""
+    """One choice: the worker sequence behind it, its text so far and its logprobs not yet sent (`logprobs`, when
+    asked). `echo_only`: max_tokens 0 with echo; the worker generates one token (its prompt logprobs come with it),
+    which is dropped: the answer is the prompt alone, finish_reason "length" (vLLM does the same)."""
 
     index: int
     request_id: str  # the worker's id for this sequence
@@ -159,11 +162,20 @@ class Choice:
     worker_done: bool = False
     first_token_at: float | None = None
     finished_at: float | None = None
+    logprobs: LogprobsBuffer | None = None
+    echo_only: bool = False
 
     def feed(self, delta: Delta, now: float) -> None:
-        """Take one delta: count tokens, decode, cut at a stop string (which finishes the choice)."""
+        """Take one delta: count tokens, decode, keep logprobs, cut at a stop string (which finishes the choice)."""
         if delta.token_ids and self.first_token_at is None:
             self.first_token_at = now
+        if self.echo_only:
+            delta = replace(delta, token_ids=[], completion_tokens=0, logprobs=None,
+                            finish_reason="length" if delta.finish_reason == "stop" else delta.finish_reason)
+        if self.logprobs is not None:
+            if delta.prompt_logprobs is not None:
+                self.logprobs.add_prompt(self.prompt_ids, delta.prompt_logprobs)
+            self.logprobs.add(delta.token_ids, delta.logprobs)
         self.tokens = delta.completion_tokens if delta.completion_tokens is not None else \
             self.tokens + len(delta.token_ids)
         text = self.decoder.push(self._visible(delta))
@@ -293,7 +305,7 @@ class Generation:
         self._on[choice.index] = (worker, request_id)
         params = choice.params
         if got:  # fed as on the lost worker (prompt, then one chunk per token): the continuation is exact
-            params = params.model_copy(update={"max_tokens": params.max_tokens - len(got),
+            params = params.model_copy(update={"max_tokens": params.max_tokens - len(got), "prompt_logprobs": None,
                                                "replay_chunks": [len(choice.prompt_ids)] + [1] * len(got)})
         offset = len(got)
         stream = None
@@ -301,8 +313,8 @@ class Generation:
             stream = worker.generate(request_id, choice.prompt_ids + got, params)
             async for delta in stream:
                 if moves:
-                    delta = Delta(delta.token_ids, delta.finish_reason, delta.prompt_tokens,
-                                  None if delta.completion_tokens is None else offset + delta.completion_tokens)
+                    delta = replace(delta, completion_tokens=None if delta.completion_tokens is None else
+                                    offset + delta.completion_tokens)
                     if record is not None:
                         record["resumed_at"], record = time.time(), None
                 got += delta.token_ids

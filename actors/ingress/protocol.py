@@ -3,8 +3,8 @@
 Requests are validated in strict mode (`"5"` is not an int, `1.0` is not an int, `"true"` is not a bool) after the
 ingress parsed the body itself (see `parse_json_body`). Unknown request fields are accepted and ignored
 (`extra="ignore"`): OpenAI clients send fields we do not model (`user`, `metadata`, `store`, ...) and must keep
-working. Fields we model but cannot honour (`logprobs`, tools, penalties, ...) are rejected with 400 when set to a
-non-default value, so a client never gets silently different behaviour from what it asked for.
+working. Fields we model but cannot honour (tools, `response_format`, `suffix`, ...) are rejected with 400 when set to
+a non-default value, so a client never gets silently different behaviour from what it asked for.
 Every error, whatever raised it, becomes an `OpenAIError` in one place: `to_openai_error`.
 """
 
@@ -15,7 +15,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
 
-from moemesh.actors.request import FinishReason
+from moemesh.actors.ingress.logprobs import ChatLogprobs, CompletionLogprobs
+from moemesh.actors.request import MAX_LOGIT_BIAS, MAX_LOGPROBS, FinishReason
 
 SEED_RANGE = (0, 2**63 - 1)  # what torch generators and the engine accept
 
@@ -165,9 +166,15 @@ class _GenerationRequest(BaseModel):
     ignore_eos: bool = Field(False, description="Keep generating after EOS (vLLM extension).")
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1],
                              description="Choice j of a prompt uses (seed + j) mod 2^63.")
-    presence_penalty: float = Field(0.0, description="Only 0 is supported.")
-    frequency_penalty: float = Field(0.0, description="Only 0 is supported.")
-    logit_bias: dict[str, float] | None = Field(None, description="Only empty is supported.")
+    presence_penalty: float = Field(0.0, ge=-2, le=2, description="Subtracted from the logits of tokens in the "
+                                    "output so far.")
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, description="Times each token's count in the output so far, "
+                                     "subtracted from its logit.")
+    repetition_penalty: float = Field(1.0, gt=0, description="vLLM extension: tokens in the prompt or output get "
+                                      "positive logits divided, negative ones multiplied by it; 1 = off.")
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        None, description=f"Token id (a string of digits) -> bias in [-100, 100] added to its logit; at most "
+                          f"{MAX_LOGIT_BIAS} entries.")
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -191,14 +198,24 @@ class _GenerationRequest(BaseModel):
                               "stop_token_ids")
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options: only allowed when stream is true", "stream_options")
+        self.bias()
         for name, value in self.unsupported().items():
             raise bad_request(f"{name}: not supported, got {_short(value)}", name, code="unsupported_parameter")
 
     def unsupported(self) -> dict[str, Any]:
         """Modelled fields set to something we cannot honour."""
-        out = {"presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
-               "logit_bias": self.logit_bias}
-        return {k: v for k, v in out.items() if v}
+        return {}
+
+    def bias(self) -> dict[int, float]:
+        """`logit_bias` with integer token ids (their range is checked against the vocabulary later)."""
+        bias = self.logit_bias or {}
+        if len(bias) > MAX_LOGIT_BIAS:
+            raise bad_request(f"logit_bias: at most {MAX_LOGIT_BIAS} entries, got {len(bias)}", "logit_bias")
+        bad = [k for k in bias if not (k.isascii() and k.isdigit() and len(k) <= 18)]
+        if bad:
+            raise bad_request(f"logit_bias: keys are token ids (strings of digits), got {_short(bad[:5])}",
+                              "logit_bias")
+        return {int(k): v for k, v in bias.items()}
 
     @property
     def include_usage(self) -> bool:
@@ -216,8 +233,13 @@ class CompletionRequest(_GenerationRequest):
 
     prompt: Annotated[list[str | list[int]], WithJsonSchema(PROMPT_SCHEMA)] = Field(
         description="A string, a list of strings, a list of token ids, or a list of lists of token ids.")
-    echo: bool = Field(False, description="Prepend the prompt to each choice's text.")
-    logprobs: int | None = Field(None, description="Not supported (must be null).")
+    max_tokens: int | None = Field(None, ge=0, description="Most tokens to generate per choice; 0 only with echo "
+                                   "(the prompt and its logprobs, nothing generated).")
+    echo: bool = Field(False, description="Prepend the prompt to each choice's text (and, with logprobs, the "
+                       "prompt tokens' logprobs).")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="Each token's logprob and this many "
+                                 "most likely tokens at its position (OpenAI allows up to 5, we as vLLM "
+                                 f"{MAX_LOGPROBS}).")
     suffix: str | None = Field(None, description="Not supported (must be null).")
     best_of: int | None = Field(None, description="Only null or equal to n is supported.")
 
@@ -242,10 +264,14 @@ class CompletionRequest(_GenerationRequest):
         super().check(limits)
         if len(self.prompt) > limits.max_prompts:
             raise bad_request(f"prompt: at most {limits.max_prompts} prompts, got {len(self.prompt)}", "prompt")
+        if self.max_tokens == 0 and not self.echo:
+            raise bad_request("max_tokens: 0 needs echo (the prompt, with its logprobs, and nothing generated)",
+                              "max_tokens")
 
     def unsupported(self) -> dict[str, Any]:
         out = super().unsupported()
-        out.update({k: v for k, v in (("logprobs", self.logprobs), ("suffix", self.suffix)) if v is not None})
+        if self.suffix is not None:
+            out["suffix"] = self.suffix
         if self.best_of is not None and self.best_of != self.n:
             out["best_of"] = self.best_of
         return out
@@ -283,8 +309,9 @@ class ChatCompletionRequest(_GenerationRequest):
 
     messages: list[ChatMessage] = Field(description="The conversation; at least one message.")
     max_completion_tokens: int | None = Field(None, ge=1, description="Newer name of max_tokens; wins if both.")
-    logprobs: bool = Field(False, description="Not supported (must be false).")
-    top_logprobs: int | None = Field(None, description="Not supported (must be null).")
+    logprobs: bool = Field(False, description="Return each generated token's logprob.")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="With logprobs: this many most "
+                                     "likely tokens at each position.")
     tools: list[dict] | None = Field(None, description="Not supported (must be empty).")
     response_format: dict | None = Field(None, description="Only {\"type\": \"text\"} is supported.")
 
@@ -295,13 +322,14 @@ class ChatCompletionRequest(_GenerationRequest):
     def check(self, limits: IngressLimits) -> None:
         if not self.messages:
             raise bad_request("messages: must not be empty", "messages")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise bad_request("top_logprobs: needs logprobs: true", "top_logprobs")
         super().check(limits)
 
     def unsupported(self) -> dict[str, Any]:
         out = super().unsupported()
-        out.update({k: v for k, v in (("logprobs", self.logprobs), ("tools", self.tools)) if v})
-        if self.top_logprobs is not None:
-            out["top_logprobs"] = self.top_logprobs
+        if self.tools:
+            out["tools"] = self.tools
         if self.response_format not in (None, {"type": "text"}):
             out["response_format"] = self.response_format
         return out
@@ -321,7 +349,7 @@ class Usage(_Out):
 class CompletionChoice(_Out):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None
 
 
@@ -344,7 +372,7 @@ class ChatMessageOut(_Out):
 class ChatChoice(_Out):
     index: int
     message: ChatMessageOut
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None
 
 
@@ -360,7 +388,7 @@ class ChatCompletionResponse(_Out):
 class ChatChunkChoice(_Out):
     index: int
     delta: dict[str, str] = Field(description="{'role', 'content'} on the first chunk, {'content'} after, {} last.")
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None
 
 

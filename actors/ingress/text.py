@@ -13,7 +13,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, decoders
 
 from moemesh.actors.ingress.protocol import ChatMessage, bad_request
 
@@ -31,6 +31,8 @@ class TextCodec:
         self.bos_token, self.eos_token = bos_token or "", eos_token or ""
         self.chat_template = chat_template or DEFAULT_CHAT_TEMPLATE
         self._template = _compile(self.chat_template)
+        self._byte_level = isinstance(tokenizer.decoder, decoders.ByteLevel)
+        self._pieces: dict[int, tuple[str, list[int]]] = {}
 
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> TextCodec:
@@ -70,6 +72,32 @@ class TextCodec:
 
     def decoder(self) -> IncrementalDecoder:
         return IncrementalDecoder(self.tokenizer)
+
+    def token_piece(self, token_id: int) -> tuple[str, list[int]]:
+        """One token alone, as logprobs show it: its text (special tokens included; a partial UTF-8 character shows
+        as U+FFFD, as in vLLM) and its raw bytes (for a byte-level BPE the bytes it stands for, so partial characters
+        can be joined; else its text's UTF-8)."""
+        piece = self._pieces.get(token_id)
+        if piece is None:
+            text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            raw = self.tokenizer.id_to_token(token_id) or ""
+            if self._byte_level and raw and all(c in _BYTE_OF for c in raw):
+                piece = (text, [_BYTE_OF[c] for c in raw])
+            else:
+                piece = (text, list(text.encode("utf-8")))
+            self._pieces[token_id] = piece
+        return piece
+
+
+def _byte_alphabet() -> dict[str, int]:
+    """Byte-level BPE's alphabet, inverted: the 188 printable Latin-1 bytes stand for themselves, the other 68 bytes
+    (controls, space, ...) for chr(256 + i), i counting them in byte order."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+
+_BYTE_OF = _byte_alphabet()
 
 
 def _template_of(cfg: dict) -> str | None:

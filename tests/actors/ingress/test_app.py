@@ -12,7 +12,6 @@ import threading
 
 import httpx
 import pytest
-import uvicorn
 
 from moemesh.actors.ingress.app import Ingress, LeastLoadedRouter, Worker
 from moemesh.actors.ingress.metrics import Metrics
@@ -349,7 +348,10 @@ BAD = [  # (id, path, body: dict | bytes, status, param, code)
     ("prompt-negative-id", "completions", _completion(prompt=[1, -2]), 400, "prompt", "invalid_value"),
     ("prompt-id-outside-vocab", "completions", _completion(prompt=[1, 10**6]), 400, "prompt", None),
     ("too-many-prompts", "completions", _completion(prompt=["a"] * 17), 400, "prompt", None),
-    ("max-tokens-zero", "completions", _completion(max_tokens=0), 400, "max_tokens", "invalid_value"),
+    ("max-tokens-zero-without-echo", "completions", _completion(max_tokens=0), 400, "max_tokens", None),
+    ("max-tokens-negative", "completions", _completion(max_tokens=-1, echo=True), 400, "max_tokens",
+     "invalid_value"),
+    ("chat-max-tokens-zero", "chat/completions", _chat(max_tokens=0), 400, "max_tokens", "invalid_value"),
     ("max-tokens-above-limit", "completions", _completion(max_tokens=4097), 400, "max_tokens", None),
     ("max-completion-tokens-zero", "chat/completions", _chat(max_completion_tokens=0), 400,
      "max_completion_tokens", "invalid_value"),
@@ -373,12 +375,32 @@ BAD = [  # (id, path, body: dict | bytes, status, param, code)
     ("stop-token-outside-vocab", "completions", _completion(stop_token_ids=[10**6]), 400, "stop_token_ids", None),
     ("stream-options-without-stream", "completions", _completion(stream_options={"include_usage": True}), 400,
      "stream_options", None),
-    ("logprobs", "completions", _completion(logprobs=2), 400, "logprobs", "unsupported_parameter"),
-    ("chat-logprobs", "chat/completions", _chat(logprobs=True), 400, "logprobs", "unsupported_parameter"),
+    ("logprobs-above-20", "completions", _completion(logprobs=21), 400, "logprobs", "invalid_value"),
+    ("logprobs-negative", "completions", _completion(logprobs=-1), 400, "logprobs", "invalid_value"),
+    ("logprobs-bool", "completions", _completion(logprobs=True), 400, "logprobs", "invalid_value"),
+    ("chat-logprobs-int", "chat/completions", _chat(logprobs=2), 400, "logprobs", "invalid_value"),
+    ("top-logprobs-above-20", "chat/completions", _chat(logprobs=True, top_logprobs=21), 400, "top_logprobs",
+     "invalid_value"),
+    ("top-logprobs-negative", "chat/completions", _chat(logprobs=True, top_logprobs=-1), 400, "top_logprobs",
+     "invalid_value"),
+    ("top-logprobs-without-logprobs", "chat/completions", _chat(top_logprobs=2), 400, "top_logprobs", None),
+    ("presence-penalty-above-2", "completions", _completion(presence_penalty=2.5), 400, "presence_penalty",
+     "invalid_value"),
+    ("frequency-penalty-below-minus-2", "chat/completions", _chat(frequency_penalty=-2.01), 400,
+     "frequency_penalty", "invalid_value"),
+    ("repetition-penalty-zero", "completions", _completion(repetition_penalty=0), 400, "repetition_penalty",
+     "invalid_value"),
+    ("logit-bias-outside-vocab", "completions", _completion(logit_bias={"100000": 1}), 400, "logit_bias", None),
+    ("logit-bias-not-an-id", "chat/completions", _chat(logit_bias={"hello": 1}), 400, "logit_bias", None),
+    ("logit-bias-negative-id", "completions", _completion(logit_bias={"-3": 1}), 400, "logit_bias", None),
+    ("logit-bias-above-100", "completions", _completion(logit_bias={"5": 100.5}), 400, "logit_bias.5",
+     "invalid_value"),
+    ("logit-bias-string-value", "completions", _completion(logit_bias={"5": "1"}), 400, "logit_bias.5",
+     "invalid_value"),
+    ("logit-bias-too-many", "completions", _completion(logit_bias={str(i): 1 for i in range(1025)}), 400,
+     "logit_bias", None),
     ("tools", "chat/completions", _chat(tools=[{"type": "function"}]), 400, "tools", "unsupported_parameter"),
     ("json-mode", "chat/completions", _chat(response_format={"type": "json_object"}), 400, "response_format",
-     "unsupported_parameter"),
-    ("presence-penalty", "completions", _completion(presence_penalty=0.5), 400, "presence_penalty",
      "unsupported_parameter"),
     ("best-of", "completions", _completion(best_of=3), 400, "best_of", "unsupported_parameter"),
     ("prompt-longer-than-context", "completions", _completion(prompt=list(range(1, 70))), 400, "prompt",
@@ -546,27 +568,7 @@ async def test_openapi_documents_request_bodies(tiny_model_dir, script):
 
 
 # ---- with the real engine ------------------------------------------------------------------------------------------
-class EngineWorker:
-    """The in-process `AsyncEngine` (actors/attention/engine.py) as a `Worker`: the whole adapter."""
-
-    def __init__(self, engine):
-        self.engine = engine
-
-    async def generate(self, request_id, prompt_token_ids, params):
-        from moemesh.actors.request import RequestParams
-
-        async for out in self.engine.generate(request_id, prompt_token_ids, RequestParams(**params.model_dump())):
-            yield Delta(out.new_token_ids, out.finish_reason, out.prompt_tokens, out.completion_tokens)
-
-    async def load(self) -> float:
-        stats = self.engine.engine.stats()
-        return stats.num_running + stats.num_waiting
-
-    async def abort(self, request_id: str) -> None:
-        self.engine.abort(request_id)
-
-
-async def test_http_tokens_equal_the_reference(tiny_model_dir, codec):
+async def test_http_tokens_equal_the_reference(tiny_model_dir, codec, engine_worker):
     """Concurrent greedy requests over HTTP to the in-process engine return what `generate` returns alone."""
     import torch
 
@@ -577,7 +579,7 @@ async def test_http_tokens_equal_the_reference(tiny_model_dir, codec):
     engine = AsyncEngine(Engine(model))
     prompts = ["The expert", "Mixture of experts routes every token", "a"]
     try:
-        async with client(make_ingress(tiny_model_dir, EngineWorker(engine))) as c:
+        async with client(make_ingress(tiny_model_dir, engine_worker(engine))) as c:
             answers = await asyncio.gather(*(c.post("/v1/completions", json=_completion(
                 prompt=p, max_tokens=10, temperature=0), timeout=60) for p in prompts))
     finally:
@@ -589,7 +591,7 @@ async def test_http_tokens_equal_the_reference(tiny_model_dir, codec):
         assert r.json()["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 10, "total_tokens": len(ids) + 10}
 
 
-async def test_stop_strings_cut_the_text_and_end_the_engine_sequence(tiny_model_dir, codec):
+async def test_stop_strings_cut_the_text_and_end_the_engine_sequence(tiny_model_dir, codec, engine_worker):
     """Stop strings are the ingress's (the one place that detokenizes): with the real engine behind it, the text
     ends before the stop string, finish_reason is "stop", the completion ends on the token that completed the stop
     string, and the engine's sequence is aborted (its KV memory freed)."""
@@ -603,7 +605,7 @@ async def test_stop_strings_cut_the_text_and_end_the_engine_sequence(tiny_model_
     prompt = "The quick brown fox jumps over the lazy dog."
     body = _completion(prompt=prompt, max_tokens=40, temperature=0, ignore_eos=True)
     try:
-        async with client(make_ingress(tiny_model_dir, EngineWorker(engine))) as c:
+        async with client(make_ingress(tiny_model_dir, engine_worker(engine))) as c:
             whole = (await c.post("/v1/completions", json=body, timeout=60)).json()
             text = whole["choices"][0]["text"]
             assert whole["choices"][0]["finish_reason"] == "length"
@@ -621,30 +623,7 @@ async def test_stop_strings_cut_the_text_and_end_the_engine_sequence(tiny_model_
         await engine.shutdown()
 
 
-# ---- over real HTTP ------------------------------------------------------------------------------------------------
-@pytest.fixture
-def serve():
-    """`serve(app)` runs the app on a real uvicorn server on 127.0.0.1:<free port> in a thread; returns its URL."""
-    servers = []
-
-    def start(app) -> str:
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        servers.append((server, thread))
-        for _ in range(500):
-            if server.started:
-                break
-            threading.Event().wait(0.01)
-        assert server.started, "uvicorn did not start"
-        return f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-
-    yield start
-    for server, thread in servers:
-        server.should_exit = True
-        thread.join(timeout=10)
-
-
+# ---- over real HTTP (the `serve` fixture: conftest.py) ----------------------------------------------------------
 @pytest.mark.anyio(False)
 def test_openai_client(serve, tiny_model_dir, codec, script):
     import openai

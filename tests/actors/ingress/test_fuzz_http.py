@@ -14,20 +14,31 @@ from hypothesis import HealthCheck, settings
 from moemesh.actors.ingress.app import Ingress
 from moemesh.actors.ingress.metrics import Metrics
 from moemesh.actors.ingress.protocol import IngressLimits
-from moemesh.actors.request import Delta
+from moemesh.actors.request import Delta, TokenLogprobs
 
 pytestmark = pytest.mark.timeout(120)
 KEY = "sk-fuzz-0123456789abcdefghij"
 EXAMPLES = 60  # per operation and generation mode
 
 
+def _logprobs(ids, k) -> TokenLogprobs | None:
+    """Made-up logprobs in the worker's shape (-inf included: what a logits processor's mask gives)."""
+    if k is None:
+        return None
+    return TokenLogprobs([-0.5] * len(ids), [[3 + j for j in range(k)] for _ in ids],
+                         [[float("-inf")] * k for _ in ids])
+
+
 class QuickWorker:
-    """Answers every sequence with up to 8 tokens at once (the fuzzer probes the ingress, not generation)."""
+    """Answers every sequence with up to 8 tokens at once, with logprobs when asked (the fuzzer probes the ingress,
+    not generation)."""
 
     async def generate(self, request_id, prompt_token_ids, params):
         n = min(params.max_tokens, 8)
         for i in range(n):
-            yield Delta([7 + i], ("length" if n == params.max_tokens else "stop") if i + 1 == n else None)
+            yield Delta([7 + i], ("length" if n == params.max_tokens else "stop") if i + 1 == n else None,
+                        logprobs=_logprobs([7 + i], params.logprobs),
+                        prompt_logprobs=_logprobs(prompt_token_ids[1:], params.prompt_logprobs) if i == 0 else None)
 
     async def load(self) -> float:
         return 0.0

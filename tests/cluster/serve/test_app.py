@@ -65,6 +65,26 @@ def test_openai_client_unchanged(served):
     assert chat.choices[0].finish_reason in ("length", "stop")
 
 
+def test_logprobs_and_penalties_cross_the_cluster(served, reference):
+    """Logprobs (echo with max_tokens 0, and streamed chat) and penalties travel ingress -> Serve -> worker and back:
+    prompt logprobs equal the model's alone (float64) to 2e-5; a logit_bias of 100 forces its token."""
+    from openai import OpenAI
+
+    url, _, _ = served
+    client = OpenAI(base_url=url, api_key="unused")
+    prompt = [5, 77, 300, 41, 9, 128, 64]
+    echo = client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=2)
+    want = torch.log_softmax(reference.forward(torch.tensor([prompt]))[0].double(), dim=-1)
+    got = echo.choices[0].logprobs.token_logprobs
+    assert got[0] is None and got[1:] == pytest.approx([float(want[p, prompt[p + 1]]) for p in range(6)], abs=2e-5)
+    chunks = list(client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4, logprobs=True, top_logprobs=1,
+        logit_bias={"300": 100}, frequency_penalty=1.0, stream=True, extra_body={"ignore_eos": True}))
+    entries = [e for c in chunks for ch in c.choices if ch.logprobs for e in ch.logprobs.content]
+    assert len(entries) == 4 and all(e.top_logprobs[0].token == e.token for e in entries)
+    assert {bytes(e.bytes) for e in entries} == {bytes(entries[0].bytes)}  # token 300, four times
+
+
 def test_continuous_batching_short_request_overtakes_long_one(served):
     from ray import serve
 
