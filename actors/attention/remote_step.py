@@ -12,7 +12,8 @@ same as without the split, so the tokens are too.
 
 Engram rows are requested as soon as the step's tokens are known (the indices depend only on the tokens) and awaited
 only at the first Engram layer, so the lookup hides behind the layers below it. Every step's time is broken down
-(`StepTimes`): compute on this thread, waiting on experts, waiting on Engram.
+(`StepTimes`): compute on this thread, waiting on experts, waiting on Engram; `last_trace` keeps the last step's
+timeline (what docs/serving.md's overlap picture is drawn from).
 """
 
 from __future__ import annotations
@@ -48,6 +49,27 @@ class StepTimes:
     micro_batches: int = 1
 
 
+Event = tuple[str, int, int, float, float]  # (kind, micro-batch, layer, start s, end s) from the step's start
+
+
+class _Trace:
+    """One step's timeline: `compute` (a micro-batch's layer up to its MoE input, router and shared expert),
+    `experts` (its routed tokens away, send to answer), `wait_experts` / `wait_engram` (this thread idle), `engram`
+    (the lookup under way). A few clock reads per layer: always on."""
+
+    def __init__(self):
+        self.t0, self.events = time.perf_counter(), []
+
+    def add(self, kind: str, mb: int, layer: int, start: float, end: float | None = None) -> None:
+        end = time.perf_counter() if end is None else end
+        self.events.append((kind, mb, layer, start - self.t0, end - self.t0))
+
+    def until_done(self, future: Future, kind: str, mb: int, layer: int) -> None:
+        """Record `kind` from now until `future` completes (its callback runs on the I/O loop's thread)."""
+        start = time.perf_counter()
+        future.add_done_callback(lambda _: self.add(kind, mb, layer, start))
+
+
 class StepParts:
     """Cumulative `StepTimes` of a worker's steps (its metrics and `stats()`); called from the step thread."""
 
@@ -79,6 +101,8 @@ class _MicroBatch:
 
     step: StepInput
     tokens: slice  # its rows of the step's flat token order
+    index: int
+    trace: _Trace
     gen: object = None
     routed: Future | None = None
     shared: torch.Tensor | None = None
@@ -116,16 +140,18 @@ class RemoteStep:
         self.timeout_s, self.micro_batches, self.on_step = timeout_s, micro_batches, on_step
         self.engram_latency = engram_latency  # a prometheus Histogram (or None)
         self.last = StepTimes()
+        self.last_trace: list[Event] = []
         self._step_ids = itertools.count()
 
     def __call__(self, token_ids: Sequence[Sequence[int]], caches: Sequence[SequenceCache]) -> torch.Tensor:
-        started = time.perf_counter()
+        trace = _Trace()
+        started = trace.t0
         step_id, pending = next(self._step_ids), []
         try:
             with torch.inference_mode():
-                engram = self._request_engram(token_ids, caches)
+                engram = self._request_engram(token_ids, caches, trace)
                 pending.append(engram)
-                parts = self._begin(token_ids, caches)
+                parts = self._begin(token_ids, caches, trace)
                 for block in self.model.layers:
                     for mb in parts:
                         y = self._moe_output(mb)  # None before the first layer
@@ -139,15 +165,18 @@ class RemoteStep:
                 if future is not None and not future.done():
                     future.cancel()
         self._record(parts, time.perf_counter() - started)
+        self.last_trace = trace.events
         return hidden
 
     # -- the parts of a step ------------------------------------------------------------------------------------------
-    def _request_engram(self, token_ids, caches) -> Future | None:
+    def _request_engram(self, token_ids, caches, trace: _Trace) -> Future | None:
         """Start the step's Engram lookup on the I/O loop now; it is awaited at the first Engram layer."""
         if not self.model.config.has_engram:
             return None
         hash_ids = self.model.engram_hash_ids(token_ids, caches)
-        return asyncio.run_coroutine_threadsafe(self._timed_lookup(hash_ids), self.io.loop)
+        future = asyncio.run_coroutine_threadsafe(self._timed_lookup(hash_ids), self.io.loop)
+        trace.until_done(future, "engram", -1, -1)
+        return future
 
     async def _timed_lookup(self, hash_ids: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         started = time.perf_counter()
@@ -156,13 +185,13 @@ class RemoteStep:
             self.engram_latency.observe(time.perf_counter() - started)
         return rows
 
-    def _begin(self, token_ids, caches) -> list[_MicroBatch]:
+    def _begin(self, token_ids, caches, trace: _Trace) -> list[_MicroBatch]:
         lengths = [len(ids) for ids in token_ids]
         parts, first = [], 0
         for group in split_micro_batches(lengths, self.micro_batches):
             n = sum(lengths[i] for i in group)
             step = self.model.begin_step([token_ids[i] for i in group], [caches[i] for i in group], engram_rows={})
-            parts.append(_MicroBatch(step, slice(first, first + n)))
+            parts.append(_MicroBatch(step, slice(first, first + n), len(parts), trace))
             first += n
         return parts
 
@@ -171,11 +200,13 @@ class RemoteStep:
         started = time.perf_counter()
         rows = engram.result(self.timeout_s)
         mb.waits[1] += time.perf_counter() - started
+        mb.trace.add("wait_engram", mb.index, -1, started)
         mb.step.engram_rows.update({layer: r[mb.tokens] for layer, r in rows.items()})
 
     def _send(self, mb: _MicroBatch, block, y: torch.Tensor | None, step_id: int) -> None:
         """Finish the previous layer with `y` and run this layer up to its MoE input; send the routed part away and
         compute the shared expert meanwhile."""
+        started = time.perf_counter()
         if mb.gen is None:
             mb.gen, y = self.model.layer_loop(mb.step), None
         got, x = mb.gen.send(y)  # x [n, D]
@@ -184,7 +215,9 @@ class RemoteStep:
         weights, indices = block.ffn.gate(x, mb.step.token_ids)
         mb.routed = asyncio.run_coroutine_threadsafe(
             self.dispatcher(block.layer, x, indices, weights, step_id), self.io.loop)
+        mb.trace.until_done(mb.routed, "experts", mb.index, block.layer)
         mb.shared = block.ffn.shared_experts(x)
+        mb.trace.add("compute", mb.index, block.layer, started)
 
     def _moe_output(self, mb: _MicroBatch) -> torch.Tensor | None:
         """The micro-batch's last MoE output (routed answer + shared expert), waiting for the answer if needed."""
@@ -193,6 +226,7 @@ class RemoteStep:
         started = time.perf_counter()
         routed = mb.routed.result(self.timeout_s)
         mb.waits[0] += time.perf_counter() - started
+        mb.trace.add("wait_experts", mb.index, -1, started)
         return routed + mb.shared
 
     def _finish(self, mb: _MicroBatch) -> torch.Tensor:
