@@ -23,9 +23,11 @@ class Command(NamedTuple):
 
 # ---- init-model ----------------------------------------------------------------------------------------------------
 def _init_model_args(p: argparse.ArgumentParser) -> None:
-    from moemesh.kernels.tiny import DTYPES
+    from moemesh.kernels.builtin import BUILTIN_MODELS
+    from moemesh.kernels.synthetic import DTYPES
 
-    p.add_argument("name", choices=["tiny"], help="built-in model to write")
+    p.add_argument("name", choices=list(BUILTIN_MODELS), help="built-in model to write: " + "; ".join(
+        f"{m.name}: {m.summary}" for m in BUILTIN_MODELS.values()))
     p.add_argument("--out", required=True, help="directory to write the checkpoint into")
     p.add_argument("--dtype", choices=DTYPES, default="v4",
                    help="v4: FP8/FP4 weights as DeepSeek-V4 releases ship them (default); float32/bfloat16: "
@@ -34,9 +36,9 @@ def _init_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _init_model(args: argparse.Namespace) -> int:
-    from moemesh.kernels.tiny import write_tiny_model
+    from moemesh.kernels.builtin import write_builtin_model
 
-    out = write_tiny_model(args.out, dtype=args.dtype, force=args.force)
+    out = write_builtin_model(args.name, args.out, dtype=args.dtype, force=args.force)
     print(f"wrote the {args.name} model ({args.dtype}) to {out}")
     return 0
 

@@ -251,7 +251,8 @@ class GrpcTlsConfig(_Strict):
 class DeploymentConfig(_Strict):
     """A whole moemesh deployment."""
 
-    model: str = Field("tiny", description="Checkpoint directory, or `tiny` for the built-in model.")
+    model: str = Field("tiny", description="Checkpoint directory, or a built-in model's name (`tiny`, "
+                       "`v4-flash-mini`, `v4.1-flash-mini`; written to the cache on first use).")
     attention: AttentionConfig = Field(default_factory=AttentionConfig, description="Attention workers.")
     experts: ExpertsConfig = Field(default_factory=lambda: ExpertsConfig(shards=2), description="Expert shards.")
     engram: EngramConfig = Field(default_factory=EngramConfig, description="Engram memory service.")

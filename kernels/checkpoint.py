@@ -13,7 +13,7 @@ import json
 import math
 import re
 import sys
-from collections.abc import Iterator, Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -33,6 +33,7 @@ _DTYPE_BITS = {"F64": 64, "F32": 32, "BF16": 16, "F16": 16, "F8_E4M3": 8, "F8_E5
                "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8, "BOOL": 8}
 _FP4_STORAGE = ("I8", "U8", "F4")
 _PROGRESS_MIN = 64  # auto progress bar from this many tensors on
+_TMP_SHARD = ".shard-being-written-"  # save_checkpoint: shards until their final names are known
 
 
 class CheckpointError(ValueError):
@@ -334,69 +335,105 @@ def quantization_config(scale_fmt: str = "ue8m0") -> dict:
             "weight_block_size": [quant.FP8_BLOCK, quant.FP8_BLOCK], "expert_dtype": "fp4"}
 
 
-def _stored(tensors: dict[str, Tensor], fmt_of: Callable[[str], str | None], scale_fmt) -> list[dict[str, Tensor]]:
-    """Each tensor as the group of tensors that stores it: {name} or {name, name.scale}."""
-    groups = []
-    for name, t in tensors.items():
-        fmt = fmt_of(name)
-        if fmt is None:
-            groups.append({name: t.contiguous()})
-            continue
-        q, s = (quant.quant_fp8 if fmt == "fp8" else quant.quant_fp4)(t, scale_fmt=scale_fmt)
-        groups.append({name: q, scale_names(name)[0]: s})
-    return groups
+def _stored(name: str, t: Tensor, fmt_of: Callable[[str], str | None], scale_fmt) -> dict[str, Tensor]:
+    """One tensor as the group of tensors that stores it: {name} or {name, name.scale}."""
+    fmt = fmt_of(name)
+    if fmt is None:
+        return {name: t.contiguous()}
+    q, s = (quant.quant_fp8 if fmt == "fp8" else quant.quant_fp4)(t, scale_fmt=scale_fmt)
+    return {name: q, scale_names(name)[0]: s}
 
 
-def _check_tensors(tensors: dict[str, Tensor], cfg: ModelConfig) -> None:
-    shapes = tensor_shapes(cfg)
-    for name, shape in shapes.items():
-        if name not in tensors:
-            raise CheckpointError(f"save_checkpoint: tensor {name!r} is missing")
-        if tuple(tensors[name].shape) != shape:
-            raise CheckpointError(f"save_checkpoint: tensor {name!r} has shape {list(tensors[name].shape)}, "
-                                  f"expected {list(shape)}")
+def _check_tensor(name: str, t: Tensor, shapes: dict[str, tuple], seen: set[str]) -> None:
+    if name not in shapes or name in seen:
+        raise CheckpointError(f"save_checkpoint: tensor {name!r} is " + ("repeated" if name in seen else
+                                                                          "not part of the config's model"))
+    if tuple(t.shape) != shapes[name]:
+        raise CheckpointError(f"save_checkpoint: tensor {name!r} has shape {list(t.shape)}, "
+                              f"expected {list(shapes[name])}")
+    seen.add(name)
 
 
-def save_checkpoint(tensors: dict[str, Tensor], cfg: ModelConfig, out_dir: str | Path, *,
-                    max_shard_bytes: int | None = None,
+def _check_complete(shapes: dict[str, tuple], have) -> None:
+    missing = [n for n in shapes if n not in have]
+    if missing:
+        raise CheckpointError(f"save_checkpoint: tensor {missing[0]!r} is missing")
+
+
+class _ShardWriter:
+    """Writes groups of tensors into shards of at most `max_bytes` as they come (temporary names, one shard in
+    memory at a time); `finish` names them `model-i-of-N` + index, or `model.safetensors` when there is one."""
+
+    def __init__(self, out: Path, max_bytes: int | None):
+        self.out, self.max_bytes = out, max_bytes
+        self.files: list[tuple[Path, list[str]]] = []
+        self.pending: dict[str, Tensor] = {}
+        self.size = self.total = 0
+
+    def add(self, group: dict[str, Tensor]) -> None:
+        nbytes = sum(t.numel() * t.element_size() for t in group.values())
+        if self.max_bytes is not None and self.pending and self.size + nbytes > self.max_bytes:
+            self.flush()
+        self.pending.update(group)
+        self.size += nbytes
+
+    def flush(self) -> None:
+        path = self.out / f"{_TMP_SHARD}{len(self.files) + 1:05d}"
+        save_file(self.pending, path, metadata={"format": "pt"})
+        self.files.append((path, list(self.pending)))
+        self.total += self.size
+        self.pending, self.size = {}, 0
+
+    def finish(self) -> None:
+        if self.pending or not self.files:
+            self.flush()
+        if len(self.files) == 1:
+            self.files[0][0].rename(self.out / SINGLE_FILE)
+            return
+        weight_map = {}
+        for i, (path, names) in enumerate(self.files):
+            fname = f"model-{i + 1:05d}-of-{len(self.files):05d}.safetensors"
+            path.rename(self.out / fname)
+            weight_map.update({n: fname for n in names})
+        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def save_checkpoint(tensors: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]], cfg: ModelConfig,
+                    out_dir: str | Path, *, max_shard_bytes: int | None = None,
                     quantize: str | Callable[[str], str | None] = "none", scale_fmt: str = "ue8m0") -> Path:
     """Write `config.json` and the tensors (canonical names, float shapes as `tensor_shapes(cfg)`) as safetensors.
 
-    `quantize`: "none" (store as given), "v4" (FP8 attention linears and shared experts, FP4 routed experts, as the
-    releases ship) or a function name -> "fp8" | "fp4" | None. Shards hold at most `max_shard_bytes` (a weight and
-    its scale stay together); more than one shard adds `model.safetensors.index.json`. Safetensors files and an
-    index already in `out_dir` are replaced. Returns `out_dir`."""
-    _check_tensors(tensors, cfg)
+    `tensors`: a dict (checked whole before anything is written), or an iterable of (name, tensor) pairs consumed
+    lazily, so a writer producing a large model tensor by tensor holds at most one shard in memory (checked as they
+    come; a missing one is reported at the end). `quantize`: "none" (store as given), "v4" (FP8 attention linears and
+    shared experts, FP4 routed experts, as the releases ship) or a function name -> "fp8" | "fp4" | None. Shards hold
+    at most `max_shard_bytes` (a weight and its scale stay together; a bigger tensor gets a shard of its own); more
+    than one shard adds `model.safetensors.index.json`. Safetensors files and an index already in `out_dir` are
+    replaced. Returns `out_dir`."""
+    shapes = tensor_shapes(cfg)
+    if isinstance(tensors, Mapping):
+        seen: set[str] = set()
+        for name, t in tensors.items():
+            _check_tensor(name, t, shapes, seen)
+        _check_complete(shapes, tensors)
+        tensors = tensors.items()
     fmt_of = {"none": lambda _: None, "v4": v4_quant_format}.get(quantize, quantize) if isinstance(quantize, str) \
         else quantize
     if not callable(fmt_of):
         raise CheckpointError(f"save_checkpoint: quantize must be 'none', 'v4' or a function, got {quantize!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in [*out.glob("*.safetensors"), out / INDEX_FILE]:
+    for stale in [*out.glob("*.safetensors"), *out.glob(_TMP_SHARD + "*"), out / INDEX_FILE]:
         stale.unlink(missing_ok=True)
     hf = cfg.to_hf_dict()
     if quantize != "none":
         hf["quantization_config"] = quantization_config(scale_fmt)
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-    shards: list[dict[str, Tensor]] = [{}]
-    size = 0
-    for group in _stored(tensors, fmt_of, scale_fmt):
-        nbytes = sum(t.numel() * t.element_size() for t in group.values())
-        if max_shard_bytes is not None and shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1].update(group)
-        size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], out / SINGLE_FILE, metadata={"format": "pt"})
-        return out
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, out / fname, metadata={"format": "pt"})
-        weight_map.update({n: fname for n in shard})
-        total += sum(t.numel() * t.element_size() for t in shard.values())
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    writer, seen = _ShardWriter(out, max_shard_bytes), set()
+    for name, t in tensors:
+        _check_tensor(name, t, shapes, seen)
+        writer.add(_stored(name, t, fmt_of, scale_fmt))
+    _check_complete(shapes, seen)
+    writer.finish()
     return out

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 from pathlib import Path
 
 from ray import serve
@@ -38,24 +39,45 @@ from moemesh.cluster.serve.edge import ROLE_ENV
 from moemesh.cluster.serve.ingress import IngressReplica
 from moemesh.cluster.serve.pool_policy import POLICY_PATH
 from moemesh.cluster.serve.shards import EngramShardReplica, ExpertShardReplica
+from moemesh.kernels.builtin import BUILTIN_MODELS, write_builtin_model
 from moemesh.kernels.config import ModelConfig
 
-TINY_CACHE = Path(os.environ.get("MOEMESH_CACHE", Path.home() / ".cache" / "moemesh")) / "models" / "tiny"
+MODEL_CACHE = Path(os.environ.get("MOEMESH_CACHE", Path.home() / ".cache" / "moemesh")) / "models"
 # Ray's variable: how often a replica pushes its autoscaling stats (Ray's default 10 s); set for pool replicas only
 STATS_PUSH_ENV = "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"
 
 
-def resolve_model(model: str) -> str:
-    """`tiny` -> the built-in model (written once to the cache dir); else a checkpoint directory that must exist."""
-    if model == "tiny":
-        if not (TINY_CACHE / "config.json").is_file():
-            from moemesh.kernels.tiny import write_tiny_model
-
-            write_tiny_model(TINY_CACHE, force=True)
-        return str(TINY_CACHE)
+def resolve_model(model: str, cache: Path = MODEL_CACHE) -> str:
+    """A built-in model's name (`BUILTIN_MODELS`: tiny, v4-flash-mini, v4.1-flash-mini) -> its checkpoint in the
+    cache dir, written on first use; else a checkpoint directory that must exist."""
+    if model in BUILTIN_MODELS:
+        return str(cached_builtin_model(model, cache))
     if not (Path(model) / "config.json").is_file():
-        raise ValueError(f"model: {model!r} is not a checkpoint directory (no config.json)")
+        raise ValueError(f"model: {model!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}) nor a "
+                         "checkpoint directory (no config.json)")
     return str(Path(model).resolve())
+
+
+def cached_builtin_model(name: str, cache: Path = MODEL_CACHE) -> Path:
+    """`cache/name`, written there first if missing. Written beside it and renamed into place, so an interrupted
+    write or a second process writing at the same time never leaves a half-written checkpoint under the name."""
+    out = cache / name
+    if (out / "config.json").is_file():
+        return out
+    tmp = cache / f".{name}.writing-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_builtin_model(name, tmp)
+    if (out / "config.json").is_file():  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+        return out
+    shutil.rmtree(out, ignore_errors=True)  # a leftover without config.json
+    try:
+        tmp.rename(out)
+    except OSError:  # another process renamed its copy in between
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "config.json").is_file():
+            raise
+    return out
 
 
 def _options(name: str, placement: Placement) -> dict:
