@@ -194,6 +194,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--micro-batches", default=None, help="serve: comma-separated micro-batch settings, each measured "
                                                          "on the same deployment (default: the config's)")
     p.add_argument("--json", default=None, help="serve: write every run's numbers to this JSON file")
+    p.add_argument("--timeline", default=None, help="serve: draw a busy served step of the last run (an .svg or "
+                                                    ".png path; needs matplotlib)")
     p.add_argument("--per-client", type=int, default=2, help="requests each client sends (default 2)")
     p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens (default 32)")
     p.add_argument("--max-tokens", type=int, default=16, help="new tokens per request (default 16)")
@@ -235,7 +237,7 @@ def _bench(args: argparse.Namespace) -> int:
     micro = _positive_list(args.micro_batches, "--micro-batches") if args.micro_batches else None
     command = "moemesh " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("moemesh") else "moemesh bench serve"
     print(run(config, levels, args.per_client, args.prompt_len, args.max_tokens, args.write, command,
-              micro_batches=micro, json_path=args.json, model=args.model))
+              micro_batches=micro, json_path=args.json, model=args.model, timeline=args.timeline))
     return 0
 
 

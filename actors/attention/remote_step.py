@@ -141,6 +141,7 @@ class RemoteStep:
         self.engram_latency = engram_latency  # a prometheus Histogram (or None)
         self.last = StepTimes()
         self.last_trace: list[Event] = []
+        self.last_shape = (0, 0)  # (sequences, tokens) of the step `last_trace` is of
         self._step_ids = itertools.count()
 
     def __call__(self, token_ids: Sequence[Sequence[int]], caches: Sequence[SequenceCache]) -> torch.Tensor:
@@ -166,6 +167,7 @@ class RemoteStep:
                     future.cancel()
         self._record(parts, time.perf_counter() - started)
         self.last_trace = trace.events
+        self.last_shape = (len(token_ids), int(hidden.shape[0]))
         return hidden
 
     # -- the parts of a step ------------------------------------------------------------------------------------------

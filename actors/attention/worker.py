@@ -96,6 +96,13 @@ class AttentionWorker:
         self.step.micro_batches = n
         return n
 
+    def last_step_trace(self) -> dict:
+        """The last step's timeline (`RemoteStep.last_trace`) with its shape: {sequences, tokens, micro_batches,
+        events: [[kind, micro-batch, layer, start s, end s]]} (docs/serving.md's overlap picture)."""
+        seqs, tokens = self.step.last_shape
+        return {"sequences": seqs, "tokens": tokens, "micro_batches": self.step.last.micro_batches,
+                "events": [list(e) for e in self.step.last_trace]}
+
     async def load(self) -> float:
         stats = self.engine.engine.stats()
         return float(stats.num_running + stats.num_waiting)

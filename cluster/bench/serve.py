@@ -145,6 +145,18 @@ class ServedApp:
         compute = sum([(await s.stats.remote()).get("compute_s", 0.0) for s in self.shards])
         return parts, compute
 
+    async def busiest_trace(self, stop: asyncio.Event, every_s: float = 0.5) -> dict | None:
+        """Poll worker 0's last step timeline until `stop` -> the one of the step with the most sequences (decode
+        steps preferred: one token per sequence)."""
+        best = None
+        while not stop.is_set():
+            trace = await self.workers[0].last_step_trace.remote()
+            key = (trace["tokens"] == trace["sequences"], trace["sequences"])
+            if trace["events"] and (best is None or key > best[0]):
+                best = (key, trace)
+            await asyncio.sleep(every_s)
+        return best[1] if best else None
+
     async def shard_memory(self) -> list[dict]:
         """Each expert shard's {name, expert_bytes, rss_bytes, empty_rss_bytes} where the shard reports them."""
         out = []
@@ -157,7 +169,9 @@ class ServedApp:
 
 
 def bench_served(config, name: str, levels: list[int], micro_batches: list[int], per_client: int, prompt_len: int,
-                 max_tokens: int, vocab: int) -> tuple[list[Run], list[dict]]:
+                 max_tokens: int, vocab: int, timeline: str | None = None) -> tuple[list[Run], list[dict]]:
+    """Each micro-batch setting x concurrency level on one deployment; `timeline`: draw a busy step of the last run
+    there (cluster/bench/timeline.py)."""
     from moemesh.cluster.serve.app import deploy
 
     url = deploy(config)
@@ -173,13 +187,30 @@ def bench_served(config, name: str, levels: list[int], micro_batches: list[int],
         for mb in micro_batches:
             await app.set_micro_batches(mb)
             for c in levels:
+                last = mb == micro_batches[-1] and c == levels[-1]
+                stop = asyncio.Event()
+                watch = asyncio.ensure_future(app.busiest_trace(stop)) if timeline and last else None
                 before, shard_before = await app.counters()
                 load = await _drive(one, prompts(c * per_client, prompt_len, vocab, seed=c), c)
                 after, shard_after = await app.counters()
                 runs.append(Run("served", name, mb, load, step_breakdown(before, after, shard_after - shard_before)))
+                if watch is not None:
+                    stop.set()
+                    _draw(await watch, timeline, name)
         return runs, await app.shard_memory()
 
     return asyncio.run(all_runs())
+
+
+def _draw(trace: dict | None, path: str, model: str) -> None:
+    from moemesh.cluster.bench.timeline import render
+
+    if trace is None:
+        raise RuntimeError("--timeline: no step was traced during the run")
+    kind = "decode" if trace["tokens"] == trace["sequences"] else f"{trace['tokens']} tokens"
+    render([tuple(e) for e in trace["events"]], path,
+           f"One served step of {model}: {trace['sequences']} sequences ({kind}), {trace['micro_batches']} "
+           f"micro-batch(es), as recorded by the attention worker ({machine()})")
 
 
 def bench_engram_step(model_dir: str, batch: int = 8, prompt_len: int = 64, steps: int = 40) -> dict[str, float]:
@@ -235,7 +266,7 @@ def bench_engram_step(model_dir: str, batch: int = 8, prompt_len: int = 64, step
 
 def run(config, levels: list[int], per_client: int, prompt_len: int, max_tokens: int, write: str | None,
         command: str, micro_batches: list[int] | None = None, json_path: str | None = None,
-        model: str | None = None) -> str:
+        model: str | None = None, timeline: str | None = None) -> str:
     """Everything above on one model (`model`: a built-in name or a checkpoint path; default the config's) ->
     the markdown section (also written to `write`); `json_path` gets the JSON."""
     from moemesh.cluster.serve.app import resolve_model
@@ -249,7 +280,7 @@ def run(config, levels: list[int], per_client: int, prompt_len: int, max_tokens:
     mono = asyncio.run(bench_monolithic(model_dir, name, levels, per_client, prompt_len, max_tokens))
     engram = bench_engram_step(model_dir) if mcfg.has_engram else None
     served, shards = bench_served(config, name, levels, micro_batches, per_client, prompt_len, max_tokens,
-                                  mcfg.vocab_size)
+                                  mcfg.vocab_size, timeline)
     load = (f"model {name}; {per_client} requests per client, prompt {prompt_len} tokens, {max_tokens} new tokens, "
             f"greedy; served: {config.attention.replicas} attention worker(s), "
             f"{config.experts.shards or len(config.experts.assignment)} expert shards, "

@@ -178,3 +178,32 @@ def test_the_engram_lookup_is_awaited_at_the_first_engram_layer_not_before_layer
     want = full.logits(full.step([prompt], [full.new_cache()]))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert asked == [sorted(full.config.engram_layer_ids)]  # one lookup per step, for every Engram layer
+
+
+def test_the_last_steps_timeline_records_every_layer_of_every_micro_batch(setup, tmp_path):
+    """`last_trace`: per micro-batch and layer one compute span and one span of its tokens away; the step thread's
+    compute spans never overlap (one thread); the picture of docs/serving.md is drawn from it."""
+    from moemesh.cluster.bench.timeline import render, rows
+
+    full, worker_model, assignment, shards = setup
+    io = IoLoop()
+    try:
+        dispatcher = Dispatcher(InProcessTransport(dict(enumerate(shards))),
+                                ExpertMap.from_assignment(assignment, n_experts=16))
+        step = RemoteStep(worker_model, dispatcher, lambda h: _local_rows(full, h), io, micro_batches=2)
+        prompts = _prompts(full.config.vocab_size)
+        step(prompts, [worker_model.new_cache() for _ in prompts])
+    finally:
+        io.close()
+    trace, layers = step.last_trace, full.config.num_hidden_layers
+    for kind in ("compute", "experts"):
+        assert sorted((m, l) for k, m, l, _, _ in trace if k == kind) == [(m, l) for m in (0, 1) for l in range(layers)]
+    computes = sorted((s, e) for k, _, _, s, e in trace if k == "compute")
+    assert all(e1 <= s2 for (_, e1), (s2, _) in zip(computes, computes[1:])) and all(s < e for s, e in computes)
+    assert [k for k, *_ in trace].count("engram") == 1
+    assert [label for label, *_ in rows(trace)][:3] == ["step thread: micro-batch 0 compute",
+                                                        "step thread: micro-batch 0 waits",
+                                                        "micro-batch 0 tokens at the expert shards"]
+    out = tmp_path / "overlap.svg"
+    render(trace, str(out), "test")
+    assert out.read_text().startswith("<?xml") and "micro-batch 1" in out.read_text()
