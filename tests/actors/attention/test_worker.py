@@ -13,6 +13,7 @@ from moemesh.actors.attention.worker import AttentionWorker
 from moemesh.actors.engram.service import engram_layout
 from moemesh.cluster.config import ExpertsConfig
 from moemesh.cluster.serve.hosts import EngramShardHost, ExpertShardHost
+from moemesh.kernels.moe import ExpertBank
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +58,17 @@ def test_concurrent_greedy_requests_match_the_reference(deployment):
     assert stats["engram"]["lookups"] > 0 and stats["engram"]["cache_hits"] > 0  # decode re-reads hot N-grams
     assert sum(h.stats()["tokens"] for h in experts) > 0 and all(h.stats()["lookups"] > 0 for h in engram)
     assert worker.engine.engine.stats().num_running == 0
+
+
+def test_worker_holds_no_routed_experts_and_shards_hold_them_packed(deployment):
+    model, worker, experts, _ = deployment
+    assert not [name for name, m in worker.model.named_modules() if isinstance(m, ExpertBank)]
+    assert not [name for name in worker.model.state_dict() if ".ffn.experts." in name]
+    banks = [bank for host in experts for bank in host.shard.banks.values()]
+    assert banks and all(bank.is_packed and bank.packed.w1.fmt == "fp4" for bank in banks)
+    float_bytes = sum(p.numel() * 4 for n, p in model.named_parameters() if ".ffn.experts." in n)
+    held = sum(host.memory()["expert_bytes"] for host in experts)
+    assert held * 7 < float_bytes  # FP4 + ue8m0 scales: 0.53 bytes a weight against float32's 4
 
 
 def test_a_new_expert_map_takes_a_replica_in_and_out_with_identical_outputs(deployment, tiny_model_dir):
