@@ -203,6 +203,45 @@ def bench_engram_step(model_dir: str, batch: int = 8, prompt_len: int = 64, step
     return out
 
 
+def shard_memory(model_dir: str, n_shards: int, app_name: str | None = None) -> list[dict]:
+    """Issue 14's `shards` list for a deployed app: per expert shard deployment, `ExpertShardHost.memory()` of its
+    replica ({expert_bytes: packed expert weights held, scratch_bytes, rss_bytes, peak_rss_bytes}) plus
+    `empty_rss_bytes`: the RSS of a shard process with no experts loaded (an `ExpertShardHost` with an empty
+    assignment, started as a Ray actor with the roles' environment, measured, and killed). Call while the app runs
+    (after the load, before teardown); target: rss_bytes <= 1.25 x expert_bytes + empty_rss_bytes."""
+    import ray
+    from ray import serve
+
+    from moemesh.cluster.names import APP_NAME, expert_shard
+    from moemesh.cluster.serve.edge import ROLE_ENV
+    from moemesh.cluster.serve.hosts import ExpertShardHost
+
+    rows = []
+    for i in range(n_shards):
+        handle = serve.get_deployment_handle(expert_shard(i), app_name=app_name or APP_NAME)
+        rows.append({"name": expert_shard(i), **handle.memory.remote().result(timeout_s=120)})
+    empty = ray.remote(ExpertShardHost).options(num_cpus=0, runtime_env={"env_vars": dict(ROLE_ENV)}).remote(
+        model_dir, {})
+    try:
+        empty_rss = ray.get(empty.memory.remote(), timeout=120)["rss_bytes"]
+    finally:
+        ray.kill(empty)
+    return [{**row, "empty_rss_bytes": empty_rss} for row in rows]
+
+
+def shard_table(shards: list[dict]) -> str:
+    MiB = 2 ** 20
+    lines = ["", "Expert shard memory after the run (experts kept packed as stored; target: RSS <= 1.25 x expert "
+             "bytes + the RSS of a shard process holding no experts):", "",
+             "| shard | expert MiB | RSS MiB | empty shard RSS MiB | RSS / (1.25 x expert + empty) |",
+             "|---|---|---|---|---|"]
+    for s in shards:
+        bound = 1.25 * s["expert_bytes"] + s["empty_rss_bytes"]
+        lines.append(f"| {s['name']} | {s['expert_bytes'] / MiB:.1f} | {s['rss_bytes'] / MiB:.1f} | "
+                     f"{s['empty_rss_bytes'] / MiB:.1f} | {s['rss_bytes'] / bound:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def report(levels, served: list[LoadResult], mono: list[LoadResult], engram: dict[str, float], command: str,
            settings: str) -> str:
     lines = ["## Serving (`moemesh bench serve`)", "", f"Command: `{command}`  ", f"Machine: {machine()}  ",
@@ -233,7 +272,8 @@ def run(config, levels: list[int], per_client: int, prompt_len: int, max_tokens:
                 f"served: {config.attention.replicas} attention worker(s), "
                 f"{config.experts.shards or len(config.experts.assignment)} expert shards, "
                 f"{config.engram.shards}x{config.engram.replicas} Engram shards, all on this machine")
-    text = report(levels, served, mono, engram, command, settings)
+    shards = shard_memory(model_dir, config.experts.shards or len(config.experts.assignment))
+    text = report(levels, served, mono, engram, command, settings) + shard_table(shards)
     if write:
         write_section(write, text)
     return text

@@ -102,3 +102,10 @@ def test_bfloat16_shard_decodes_into_bfloat16(tiny_model_dir):
     w1, _, _ = bank.expert_weights(0)
     assert bank.dtype == w1.dtype == torch.bfloat16 and bank.packed.w1.fmt == "fp4"
     assert torch.equal(w1, bank.packed.w1.dequantize()[0].bfloat16())
+
+
+def test_a_shard_without_experts_reports_its_empty_footprint(tiny_model_dir):
+    """What `empty_rss_bytes` is measured on (cluster/bench/serve.py: shard_memory)."""
+    memory = ExpertShard.from_loader(Checkpoint(tiny_model_dir).config, {}, None).memory()
+    assert memory["expert_bytes"] == 0 and memory["scratch_bytes"] == 0
+    assert 0 < memory["rss_bytes"] <= memory["peak_rss_bytes"]
