@@ -110,7 +110,9 @@ class ExpertShard:
     def from_loader(cls, cfg: ModelConfig, assignment: Mapping[int, Sequence[int]], loader: ExpertLoader, *,
                     dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", **kw) -> "ExpertShard":
         """Load the experts `{layer: [expert ids]}` through `loader(layer, ids) -> {canonical name: tensor}`."""
-        return cls(cfg, load_banks(cfg, assignment, loader, dtype, device), **kw)
+        banks = load_banks(cfg, assignment, loader, dtype, device)
+        release_freed_heap()  # loading's per-layer staging is freed, but glibc keeps it resident otherwise
+        return cls(cfg, banks, **kw)
 
     @classmethod
     def from_tensors(cls, cfg: ModelConfig, assignment: Mapping[int, Sequence[int]],
@@ -245,6 +247,19 @@ class ExpertShard:
         """Stop taking requests (they get Unavailable) and release the worker thread."""
         self._closed = True
         self._executor.shutdown(wait=False)
+
+
+def release_freed_heap() -> None:
+    """Hand memory freed to the C heap back to the OS (glibc `malloc_trim`; the roles run with a 1 GiB trim
+    threshold, cluster/serve/edge.py, so without this a shard keeps its load-time staging resident). No-op elsewhere."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):  # not glibc
+        pass
 
 
 def process_memory() -> dict[str, int]:
