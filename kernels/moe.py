@@ -16,6 +16,7 @@ from torch import nn
 
 from moemesh.kernels import fast_paths
 from moemesh.kernels.config import ModelConfig
+from moemesh.kernels.packed import PackedExperts, Scratch
 
 _SCORES = {
     "sqrtsoftplus": lambda z: F.softplus(z).sqrt(),
@@ -65,20 +66,64 @@ def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor
 
 
 class ExpertBank(nn.Module):
-    """Some routed experts of one layer, stacked: w1/w3 [e, I, D], w2 [e, D, I] for `expert_ids` (global ids)."""
+    """Some routed experts of one layer, stacked: w1/w3 [e, I, D], w2 [e, D, I] for `expert_ids` (global ids).
 
-    def __init__(self, cfg: ModelConfig, expert_ids: Sequence[int] | None = None):
+    Two forms. Float (the single-process model): w1/w2/w3 are parameters; `packed` may hold FP8/FP4 copies for the
+    Triton path. Packed (expert shards, `ExpertBank(cfg, ids, packed=...)`): only `packed` is held, exactly the
+    checkpoint's FP8/FP4 bytes, and w1/w2/w3 are None; the CPU path decodes one expert at a time into `scratch`
+    (shared by the banks of one shard) and computes in `compute_dtype`."""
+
+    def __init__(self, cfg: ModelConfig, expert_ids: Sequence[int] | None = None, *,
+                 packed: PackedExperts | None = None, compute_dtype: torch.dtype = torch.float32,
+                 scratch: Scratch | None = None):
         super().__init__()
         ids = list(range(cfg.n_routed_experts)) if expert_ids is None else sorted(set(expert_ids))
         e, D, I = len(ids), cfg.hidden_size, cfg.moe_intermediate_size
         self.expert_ids, self.limit = ids, cfg.swiglu_limit
-        self.w1 = nn.Parameter(torch.zeros(e, I, D))
-        self.w2 = nn.Parameter(torch.zeros(e, D, I))
-        self.w3 = nn.Parameter(torch.zeros(e, I, D))
+        if packed is None:
+            self.w1 = nn.Parameter(torch.zeros(e, I, D))
+            self.w2 = nn.Parameter(torch.zeros(e, D, I))
+            self.w3 = nn.Parameter(torch.zeros(e, I, D))
+        else:
+            _check_packed(packed, e, I, D)
+            for name in ("w1", "w2", "w3"):
+                self.register_parameter(name, None)
         slot = torch.full((cfg.n_routed_experts + 1,), -1, dtype=torch.long)  # last entry: "no expert" (-1 ids)
         slot[torch.tensor(ids, dtype=torch.long)] = torch.arange(e)
         self.register_buffer("slot_of", slot, persistent=False)
-        self.packed = None  # kernels.packed.PackedExperts on the bank's device: FP8/FP4 copies the Triton path reads
+        self.packed = packed  # kernels.packed.PackedExperts on the bank's device: FP8/FP4 weights
+        self.compute_dtype = compute_dtype
+        self.scratch = scratch if scratch is not None else Scratch()
+
+    @property
+    def is_packed(self) -> bool:
+        """Only packed weights are held (no float copy)."""
+        return self.w1 is None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype experts compute in."""
+        return self.compute_dtype if self.is_packed else self.w1.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.slot_of.device
+
+    @property
+    def expert_bytes(self) -> int:
+        """Bytes of the expert weights held: packed (data + scales) in the packed form, else the float parameters."""
+        if self.is_packed:
+            return self.packed.nbytes
+        return sum(w.numel() * w.element_size() for w in (self.w1, self.w2, self.w3))
+
+    def expert_weights(self, s: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """w1 [I, D], w2 [D, I], w3 [I, D] of slot `s`; in the packed form decoded into scratch buffers that the next
+        call overwrites."""
+        if not self.is_packed:
+            return self.w1[s], self.w2[s], self.w3[s]
+        p, dt = self.packed, self.compute_dtype
+        return (p.w1.decode(s, dt, self.scratch, "w1"), p.w2.decode(s, dt, self.scratch, "w2"),
+                p.w3.decode(s, dt, self.scratch, "w3"))
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, D], indices [N, k] global ids (-1 = none), weights [N, k] -> Σ over held experts w·expert(x)  [N, D].
@@ -102,10 +147,18 @@ class ExpertBank(nn.Module):
             if n == 0:
                 continue
             tok = tokens[start:start + n]
-            y = swiglu(x[tok], self.w1[s], self.w2[s], self.w3[s], self.limit)
+            y = swiglu(x[tok], *self.expert_weights(s), self.limit)
             out.index_add_(0, tok, (y * w[start:start + n, None]).to(out.dtype))
             start += n
         return out
+
+
+def _check_packed(packed: PackedExperts, e: int, I: int, D: int) -> None:
+    for part, want in (("w1", (I, D)), ("w2", (D, I)), ("w3", (I, D))):
+        w = getattr(packed, part)
+        if (w.data.shape[0], w.rows, w.cols) != (e, *want):
+            raise ValueError(f"packed.{part}: holds [{w.data.shape[0]}, {w.rows}, {w.cols}], expected [{e}, "
+                             f"{want[0]}, {want[1]}]")
 
 
 class SharedExpert(nn.Module):

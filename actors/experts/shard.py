@@ -14,6 +14,7 @@ Shapes: n = tokens, k = expert slots per token, D = hidden, E = routed experts p
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,11 +26,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from moemesh.kernels.config import ModelConfig
 from moemesh.kernels.moe import ExpertBank
-from moemesh.kernels.weights import expert_tensor_names
+from moemesh.kernels.packed import PackedExperts, Scratch, check_scales
 from moemesh.proto import errors
 from moemesh.proto.codec import FLOAT_DTYPES, INT_DTYPES, TokenBatch
 
-# (layer, expert ids) -> {canonical name: float tensor}, e.g. `Checkpoint(path).read_experts`.
+# (layer, expert ids) -> {canonical name: tensor as stored, FP8/FP4 weights with their scales}, e.g.
+# `partial(Checkpoint(path).read_experts, dequantize=False)`; float tensors (an unquantized checkpoint) work too.
 ExpertLoader = Callable[[int, Sequence[int]], Mapping[str, torch.Tensor]]
 
 
@@ -70,8 +72,11 @@ class _Queue:
 
 def load_banks(cfg: ModelConfig, assignment: Mapping[int, Sequence[int]], loader: ExpertLoader,
                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> dict[int, ExpertBank]:
-    """{layer: expert ids} -> {layer: ExpertBank} filled from `loader(layer, ids)`; errors name the tensor or layer."""
-    banks = {}
+    """{layer: expert ids} -> {layer: packed ExpertBank} from `loader(layer, ids)`, one layer at a time: the weights
+    stay as stored (never dequantized in full, not even while loading); float ones are cast to `dtype`, the compute
+    dtype. The banks share one decode scratch. Errors name the tensor or layer."""
+    banks, scratch = {}, Scratch()
+    D, I = cfg.hidden_size, cfg.moe_intermediate_size
     for layer, ids in sorted(assignment.items()):
         if not 0 <= layer < cfg.num_hidden_layers:
             raise ValueError(f"assignment: layer {layer} out of range 0..{cfg.num_hidden_layers - 1}")
@@ -79,17 +84,13 @@ def load_banks(cfg: ModelConfig, assignment: Mapping[int, Sequence[int]], loader
         if not ids or bad:
             raise ValueError(f"assignment[{layer}]: expert ids must be a non-empty subset of "
                              f"0..{cfg.n_routed_experts - 1}, got {list(ids)}")
-        bank = ExpertBank(cfg, ids).requires_grad_(False)
-        tensors = loader(layer, bank.expert_ids)
-        for slot, expert in enumerate(bank.expert_ids):
-            for part, name in zip(("w1", "w2", "w3"), expert_tensor_names(layer, expert)):
-                if name not in tensors:
-                    raise ValueError(f"{name}: missing from the loaded tensors")
-                dest, t = getattr(bank, part)[slot], tensors[name]
-                if tuple(t.shape) != tuple(dest.shape):
-                    raise ValueError(f"{name}: shape {list(t.shape)}, expected {list(dest.shape)}")
-                dest.copy_(t)
-        banks[layer] = bank.to(device=device, dtype=dtype).eval()
+        held = sorted(set(ids))
+        shapes = {"w1": (I, D), "w2": (D, I), "w3": (I, D)}
+        packed = PackedExperts.from_stored(loader(layer, held), layer, held, shapes)
+        for part in ("w1", "w2", "w3"):
+            check_scales(getattr(packed, part), f"layers.{layer}.ffn.experts.{part}")
+        packed = packed.float_as(dtype).to(device)
+        banks[layer] = ExpertBank(cfg, held, packed=packed, compute_dtype=dtype, scratch=scratch).to(device).eval()
     return banks
 
 
@@ -115,7 +116,9 @@ class ExpertShard:
     def from_loader(cls, cfg: ModelConfig, assignment: Mapping[int, Sequence[int]], loader: ExpertLoader, *,
                     dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", **kw) -> "ExpertShard":
         """Load the experts `{layer: [expert ids]}` through `loader(layer, ids) -> {canonical name: tensor}`."""
-        return cls(cfg, load_banks(cfg, assignment, loader, dtype, device), **kw)
+        banks = load_banks(cfg, assignment, loader, dtype, device)
+        release_freed_heap()  # loading's per-layer staging is freed, but glibc keeps it resident otherwise
+        return cls(cfg, banks, **kw)
 
     @classmethod
     def from_tensors(cls, cfg: ModelConfig, assignment: Mapping[int, Sequence[int]],
@@ -236,7 +239,7 @@ class ExpertShard:
     def _compute(self, layer: int, batches: list[TokenBatch]) -> tuple[list[torch.Tensor], dict[int, int]]:
         """One grouped computation over the concatenated requests -> (output per request, tokens per expert)."""
         bank = self.banks[layer]
-        device, dtype = bank.w1.device, bank.w1.dtype
+        device, dtype = bank.device, bank.dtype
         k = max(b.expert_ids.shape[1] for b in batches)  # requests may carry fewer slots: pad with empty ones
         x = torch.cat([b.hidden.to(device, dtype) for b in batches])  # [N, D]
         ids = torch.cat([F.pad(b.expert_ids.long(), (0, k - b.expert_ids.shape[1]), value=-1) for b in batches])
@@ -248,6 +251,16 @@ class ExpertShard:
         parts = y.split([b.n_tokens for b in batches])
         return [p.to("cpu", b.hidden.dtype) for p, b in zip(parts, batches)], per_expert
 
+    @property
+    def expert_bytes(self) -> int:
+        """Bytes of the routed-expert weights held (packed: data + scales)."""
+        return sum(bank.expert_bytes for bank in self.banks.values())
+
+    def memory(self) -> dict[str, int]:
+        """{expert_bytes, scratch_bytes (decode buffers), rss_bytes, peak_rss_bytes} of this shard and its process."""
+        scratch = {id(b.scratch): b.scratch.nbytes for b in self.banks.values()}
+        return {"expert_bytes": self.expert_bytes, "scratch_bytes": sum(scratch.values()), **process_memory()}
+
     def health(self) -> str:
         """One line for health checks and logs."""
         layers = {layer: len(bank.expert_ids) for layer, bank in sorted(self.banks.items())}
@@ -258,6 +271,29 @@ class ExpertShard:
         """Stop taking requests (they get Unavailable) and release the worker thread."""
         self._closed = True
         self._executor.shutdown(wait=False)
+
+
+def release_freed_heap() -> None:
+    """Hand memory freed to the C heap back to the OS (glibc `malloc_trim`; the roles run with a 1 GiB trim
+    threshold, cluster/serve/edge.py, so without this a shard keeps its load-time staging resident). No-op elsewhere."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):  # not glibc
+        pass
+
+
+def process_memory() -> dict[str, int]:
+    """{rss_bytes: resident now, peak_rss_bytes: the most ever resident} of this process (Linux /proc)."""
+    import resource
+
+    with open("/proc/self/statm") as f:
+        resident_pages = int(f.read().split()[1])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return {"rss_bytes": resident_pages * os.sysconf("SC_PAGE_SIZE"), "peak_rss_bytes": peak}
 
 
 def _check(t: torch.Tensor, name: str, dtypes: tuple[str, ...], shape_ok: bool, expected: str) -> None:

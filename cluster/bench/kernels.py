@@ -21,6 +21,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 
@@ -33,11 +34,12 @@ from moemesh.kernels.moe import ExpertBank
 from moemesh.kernels.norms import RMSNorm
 from moemesh.kernels.packed import PackedExperts
 
-# D hidden, I expert width, E experts held by the shard, N tokens, k slots, H heads, Dh head dim, S keys,
+# D hidden, I expert width, E experts held by the shard, N tokens (Nd: a decode step's share, about one token per
+# expert, as 32 sequences x top-6 over 256 experts give), k slots, H heads, Dh head dim, S keys,
 # L keys each query attends to (window + selected), hc residual streams.
 PRESETS = {
-    "tiny": dict(D=256, I=128, E=8, N=64, k=6, H=8, Dh=64, S=512, L=160, hc=4),
-    "v4-flash": dict(D=4096, I=2048, E=8, N=256, k=6, H=64, Dh=512, S=4096, L=640, hc=4),
+    "tiny": dict(D=256, I=128, E=8, N=64, Nd=2, k=6, H=8, Dh=64, S=512, L=160, hc=4),
+    "v4-flash": dict(D=4096, I=2048, E=8, N=256, Nd=2, k=6, H=64, Dh=512, S=4096, L=640, hc=4),
 }
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1 + 1 / 128 ** 2, "fp4": 0.5 + 1 / 32}
 
@@ -108,6 +110,7 @@ def _ops(p: dict, dev: torch.device, dtype: torch.dtype, g: torch.Generator):
                lambda: fast_paths.routed_experts(bank, x, idx, wts), lambda: bank(x, idx, wts),
                wbytes + 2 * N * D * esize)
     bank.packed = None
+    yield from _packed_banks(bank, cfg, x, idx, wts, p["Nd"], dtype, esize)
 
     H, Dh, S, L = p["H"], p["Dh"], p["S"], p["L"]
     q, keys, sink = rand(N, H, Dh), rand(S, Dh), torch.randn(H, generator=g).to(dev)
@@ -125,6 +128,24 @@ def _ops(p: dict, dev: torch.device, dtype: torch.dtype, g: torch.Generator):
     nw = torch.randn(D, generator=g).to(dev)
     yield ("engram_gate", f"[{N}, {hc}, {D}]", lambda: fast_paths.engram_gate(streams, gk, v, nw, nw, 1e-6),
            lambda: streams + gate_alpha(streams, gk, nw, nw, 1e-6) * v[:, None, :], (3 * N * hc * D + N * D) * esize)
+
+
+def _packed_banks(bank: ExpertBank, cfg: ModelConfig, x, idx, wts, n_decode: int, dtype: torch.dtype, esize: float):
+    """An expert shard's bank (only FP8/FP4 held, each expert decoded when it has tokens) against the float bank
+    (the old dequantized form), at N tokens and at a decode step's Nd tokens. On a CPU only the reference runs: the
+    float rows time the old form, the packed rows the new one."""
+    E, I, D = len(bank.expert_ids), cfg.moe_intermediate_size, cfg.hidden_size
+    xd, idxd, wtsd = x[:n_decode], idx[:n_decode], wts[:n_decode]
+    yield ("routed_experts", f"{E} experts {D}x{I}, {n_decode} tokens x {idx.shape[1]}, weights "
+           f"{str(dtype).removeprefix('torch.')}", lambda: fast_paths.routed_experts(bank, xd, idxd, wtsd),
+           lambda: bank(xd, idxd, wtsd), 3 * E * I * D * esize)
+    for fmt in ("fp8", "fp4"):
+        packed = PackedExperts.from_bank(bank, fmt)
+        shard_bank = ExpertBank(cfg, bank.expert_ids, packed=packed, compute_dtype=dtype).to(x.device)
+        for xs, ids, ws in ((x, idx, wts), (xd, idxd, wtsd)):
+            yield ("routed_experts", f"{E} experts {D}x{I}, {xs.shape[0]} tokens x {ids.shape[1]}, shard bank: "
+                   f"{fmt} only, decoded per expert", partial(fast_paths.routed_experts, shard_bank, xs, ids, ws),
+                   partial(shard_bank, xs, ids, ws), 3 * E * I * D * BYTES[fmt] + 2 * xs.shape[0] * D * esize)
 
 
 def run(preset: str, dev: torch.device, dtype: torch.dtype, repeat: int) -> list[dict]:

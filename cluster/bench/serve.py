@@ -157,16 +157,6 @@ class ServedApp:
             await asyncio.sleep(every_s)
         return best[1] if best else None
 
-    async def shard_memory(self) -> list[dict]:
-        """Each expert shard's {name, expert_bytes, rss_bytes, empty_rss_bytes} where the shard reports them."""
-        out = []
-        for i, handle in enumerate(self.shards):
-            stats = await handle.stats.remote()
-            if {"expert_bytes", "rss_bytes", "empty_rss_bytes"} <= set(stats):
-                out.append({"name": f"expert-shard-{i}", **{k: stats[k] for k in ("expert_bytes", "rss_bytes",
-                                                                                   "empty_rss_bytes")}})
-        return out
-
 
 def bench_served(config, name: str, levels: list[int], micro_batches: list[int], per_client: int, prompt_len: int,
                  max_tokens: int, vocab: int, timeline: str | None = None) -> tuple[list[Run], list[dict]]:
@@ -197,9 +187,10 @@ def bench_served(config, name: str, levels: list[int], micro_batches: list[int],
                 if watch is not None:
                     stop.set()
                     _draw(await watch, timeline, name)
-        return runs, await app.shard_memory()
+        return runs
 
-    return asyncio.run(all_runs())
+    runs = asyncio.run(all_runs())
+    return runs, shard_memory(config.model, len(app.shards))
 
 
 def _draw(trace: dict | None, path: str, model: str) -> None:
@@ -262,6 +253,32 @@ def bench_engram_step(model_dir: str, batch: int = 8, prompt_len: int = 64, step
         io.close()
         for host in experts + engram:
             host.shutdown()
+
+
+def shard_memory(model_dir: str, n_shards: int, app_name: str | None = None) -> list[dict]:
+    """Issue 14's `shards` list for a deployed app: per expert shard deployment, `ExpertShardHost.memory()` of its
+    replica ({expert_bytes: packed expert weights held, scratch_bytes, rss_bytes, peak_rss_bytes}) plus
+    `empty_rss_bytes`: the RSS of a shard process with no experts loaded (an `ExpertShardHost` with an empty
+    assignment, started as a Ray actor with the roles' environment, measured, and killed). Call while the app runs
+    (after the load, before teardown); target: rss_bytes <= 1.25 x expert_bytes + empty_rss_bytes."""
+    import ray
+    from ray import serve
+
+    from moemesh.cluster.names import APP_NAME, expert_shard
+    from moemesh.cluster.serve.edge import ROLE_ENV
+    from moemesh.cluster.serve.hosts import ExpertShardHost
+
+    rows = []
+    for i in range(n_shards):
+        handle = serve.get_deployment_handle(expert_shard(i), app_name=app_name or APP_NAME)
+        rows.append({"name": expert_shard(i), **handle.memory.remote().result(timeout_s=120)})
+    empty = ray.remote(ExpertShardHost).options(num_cpus=0, runtime_env={"env_vars": dict(ROLE_ENV)}).remote(
+        model_dir, {})
+    try:
+        empty_rss = ray.get(empty.memory.remote(), timeout=120)["rss_bytes"]
+    finally:
+        ray.kill(empty)
+    return [{**row, "empty_rss_bytes": empty_rss} for row in rows]
 
 
 def run(config, levels: list[int], per_client: int, prompt_len: int, max_tokens: int, write: str | None,

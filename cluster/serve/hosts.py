@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping, Sequence
+from functools import partial
 
 import torch
 
@@ -81,7 +82,8 @@ class ExpertShardHost(_GrpcHost):
         device = resolve_device(device)  # a clear DeviceUnavailable here, not a torch error mid-load
         ckpt = Checkpoint(model_dir)
         self.shard = ExpertShard.from_loader(ckpt.config, {int(k): list(v) for k, v in assignment.items()},
-                                             ckpt.read_experts, dtype=getattr(torch, dtype), device=device,
+                                             partial(ckpt.read_experts, dequantize=False),  # kept packed
+                                             dtype=getattr(torch, dtype), device=device,
                                              batching=BatchingConfig(**(batching or {})),
                                              expert_map_version=expert_map_version)
         self._serve(serve_expert_shard, self.shard, host, port, security)
@@ -94,6 +96,11 @@ class ExpertShardHost(_GrpcHost):
 
     def start_metrics(self, host: str) -> str:
         return self._start_metrics(host, ExpertShardCollector(self.shard))
+
+    def memory(self) -> dict[str, int]:
+        """{expert_bytes (packed expert weights held), scratch_bytes, rss_bytes, peak_rss_bytes} of this shard
+        process (`ExpertShard.memory`). A host built with an empty assignment gives a shard's empty footprint."""
+        return self.shard.memory()
 
     def stats(self) -> dict:
         c = self.shard.counters

@@ -8,7 +8,7 @@ import torch
 
 from moemesh.kernels import quant
 from moemesh.kernels.checkpoint import Checkpoint
-from moemesh.kernels.packed import PackedExperts, PackedWeight
+from moemesh.kernels.packed import PackedExperts, PackedWeight, Scratch, check_scales
 from moemesh.kernels.weights import expert_tensor_names
 
 
@@ -41,3 +41,38 @@ def test_stored_fp4_experts_decode_to_what_the_loader_reads(tiny_model_dir):
 def test_missing_stored_tensor_is_named():
     with pytest.raises(ValueError, match=r"layers\.2\.ffn\.experts\.4\.w1\.weight: missing"):
         PackedExperts.from_stored({}, 2, [4])
+
+
+# ---- decode: one expert at a time, as a packed ExpertBank computes on the CPU ------------------------------------
+@pytest.mark.parametrize("fmt, shape", [("fp8", (2, 256, 384)), ("fp8", (2, 130, 260)), ("fp4", (2, 64, 128)),
+                                        ("fp4", (2, 33, 70))])  # whole blocks, and partial edge blocks/groups
+@pytest.mark.parametrize("scale_fmt", ["ue8m0", "float32"])
+def test_decode_is_exactly_the_reference_dequantization(fmt, shape, scale_fmt):
+    w = torch.randn(*shape) * torch.logspace(-3, 1, shape[-1])  # a wide range of magnitudes: subnormal codes too
+    packed = PackedWeight.quantize(w, fmt, scale_fmt)
+    ref, scratch = packed.dequantize(), Scratch()
+    for s in range(shape[0]):
+        assert torch.equal(packed.decode(s, torch.float32, scratch, "w"), ref[s])
+    if scale_fmt == "ue8m0":  # power-of-two scales: bfloat16 holds every decoded value exactly
+        assert torch.equal(packed.decode(1, torch.bfloat16, scratch, "w"), ref[1].bfloat16())
+
+
+def test_decode_reuses_its_scratch_buffers():
+    packed, scratch = PackedWeight.quantize(torch.randn(3, 64, 128), "fp4"), Scratch()
+    first = packed.decode(0, torch.float32, scratch, "w1")
+    size = scratch.nbytes
+    second = packed.decode(2, torch.float32, scratch, "w1")
+    assert second.data_ptr() == first.data_ptr() and scratch.nbytes == size
+    assert torch.equal(second, packed.dequantize()[2])
+
+
+def test_nbytes_counts_data_and_scales():
+    packed = PackedWeight.quantize(torch.randn(2, 64, 128), "fp4")
+    assert packed.nbytes == 2 * 64 * 64 + 2 * 64 * 4  # two codes per byte, one scale byte per 32 columns
+
+
+def test_scale_bytes_outside_the_decodable_range_are_refused():
+    packed = PackedWeight.quantize(torch.randn(1, 8, 64), "fp4")
+    packed.scale[0, 0, 0] = 250
+    with pytest.raises(ValueError, match=r"w1: ue8m0 scale bytes span .*250"):
+        check_scales(packed, "w1")

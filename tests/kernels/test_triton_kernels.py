@@ -151,6 +151,30 @@ def case_tiny_checkpoint_experts(dev, g):
     return _rel(got, ref), BOUND[torch.float32]
 
 
+def case_packed_only_bank(dev, g):
+    """An expert shard's bank: packed FP4 only (no float copy, w1/w2/w3 None), from the tiny checkpoint as stored,
+    through the Triton path; the reference is the same bank decoding one expert at a time, in float64 inputs."""
+    from moemesh.kernels import fast_paths
+    from moemesh.kernels.checkpoint import Checkpoint
+    from moemesh.kernels.moe import ExpertBank
+    from moemesh.kernels.packed import PackedExperts
+    from moemesh.kernels.weights import expert_tensor_names
+
+    ckpt = Checkpoint(os.environ["MOEMESH_TEST_TINY_MODEL"])
+    cfg, layer, ids = ckpt.config, 2, [1, 4, 6, 9, 15]
+    names = [n for e in ids for n in expert_tensor_names(layer, e)]
+    packed = PackedExperts.from_stored(ckpt.read(names, dequantize=False), layer, ids)
+    bank = ExpertBank(cfg, ids, packed=packed.to(dev)).to(dev)
+    assert bank.is_packed and bank.packed.w1.fmt == "fp4"
+    x = _rand(g, 13, cfg.hidden_size, dev=dev)
+    idx = torch.randint(0, cfg.n_routed_experts, (13, cfg.num_experts_per_tok), generator=g).to(dev)
+    w = (torch.rand(13, cfg.num_experts_per_tok, generator=g) + 0.1).to(dev)
+    got = _with_triton_path(fast_paths, dev, lambda: bank(x, idx, w))
+    ref_bank = ExpertBank(cfg, ids, packed=packed.to(dev), compute_dtype=torch.float64).to(dev)
+    ref = _on_path(fast_paths, "reference", lambda: ref_bank(x.double(), idx, w.double()))
+    return _rel(got, ref), BOUND[torch.float32]
+
+
 def case_linear(fmt):
     def run(dev, g):
         from moemesh.kernels import triton_moe
@@ -361,6 +385,7 @@ CASES = {
     "experts/fp4-float32-scales": case_experts(F32, 40, "fp4", "float32"),
     "experts/bfloat16-fp4-ue8m0/decode": case_experts(BF16, 3, "fp4"),
     "experts/tiny-checkpoint-fp4-as-stored": case_tiny_checkpoint_experts,
+    "experts/packed-only-bank": case_packed_only_bank,
     "experts/no-held-pairs": case_experts_without_tokens,
     "linear/fp8": case_linear("fp8"), "linear/fp4": case_linear("fp4"),
     "block_table": case_block_table,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 
 import pytest
 import torch
@@ -28,7 +29,8 @@ def setup(tiny_model_dir):
     worker_model.requires_grad_(False).eval()
     moe_layers = list(range(cfg.num_hidden_layers))
     assignment = [{l: list(range(s, 16, 3)) for l in moe_layers} for s in range(3)]
-    shards = [ExpertShard.from_loader(cfg, held, ckpt.read_experts) for held in assignment]
+    loader = partial(ckpt.read_experts, dequantize=False)  # as served: FP4 experts kept packed
+    shards = [ExpertShard.from_loader(cfg, held, loader) for held in assignment]
     return full, worker_model, assignment, shards
 
 

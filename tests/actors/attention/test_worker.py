@@ -13,6 +13,7 @@ from moemesh.actors.attention.worker import AttentionWorker
 from moemesh.actors.engram.service import engram_layout
 from moemesh.cluster.config import ExpertsConfig
 from moemesh.cluster.serve.hosts import EngramShardHost, ExpertShardHost
+from moemesh.kernels.moe import ExpertBank
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +66,17 @@ def test_concurrent_greedy_requests_match_the_reference(deployment):
     exported = generate_latest(worker.registry).decode()
     assert f'moemesh:step_seconds_total{{part="wait_experts"}} {step["wait_experts"]}' in exported
     assert 'moemesh:dispatch_seconds_total{shard="0"}' in exported
+
+
+def test_worker_holds_no_routed_experts_and_shards_hold_them_packed(deployment):
+    model, worker, experts, _ = deployment
+    assert not [name for name, m in worker.model.named_modules() if isinstance(m, ExpertBank)]
+    assert not [name for name in worker.model.state_dict() if ".ffn.experts." in name]
+    banks = [bank for host in experts for bank in host.shard.banks.values()]
+    assert banks and all(bank.is_packed and bank.packed.w1.fmt == "fp4" for bank in banks)
+    float_bytes = sum(p.numel() * 4 for n, p in model.named_parameters() if ".ffn.experts." in n)
+    held = sum(host.memory()["expert_bytes"] for host in experts)
+    assert held * 7 < float_bytes  # FP4 + ue8m0 scales: 0.53 bytes a weight against float32's 4
 
 
 def test_a_new_expert_map_takes_a_replica_in_and_out_with_identical_outputs(deployment, tiny_model_dir):

@@ -61,7 +61,7 @@ def test_loader_is_asked_for_each_layer_of_the_plan():
     shard = ExpertShard.from_loader(CFG, {2: [5, 1], 0: [3]}, loader)
     assert calls == [(0, [3]), (2, [1, 5])]
     assert shard.assignment == {0: [3], 2: [1, 5]}
-    assert torch.equal(shard.banks[2].w2[1], TENSORS["layers.2.ffn.experts.5.w2.weight"])
+    assert torch.equal(shard.banks[2].expert_weights(1)[1], TENSORS["layers.2.ffn.experts.5.w2.weight"])
 
 
 @pytest.mark.parametrize("assignment, tensors, match", [
