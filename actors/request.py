@@ -24,6 +24,30 @@ MAX_LOGPROBS = 20  # most alternatives per position (OpenAI's chat top_logprobs 
 MAX_LOGIT_BIAS = 1024  # most entries of logit_bias
 
 
+class ToolSpec(BaseModel):
+    """A function the model may call: its name and its parameters' JSON schema (JSON text)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(min_length=1, description="The function's name.")
+    parameters: str = Field('{"type": "object"}', description="JSON schema of its arguments, as JSON text.")
+
+
+class StructuredOutput(BaseModel):
+    """What the output must be, enforced while decoding by a grammar (actors/attention/grammar.py). Plain data (it
+    crosses processes); the worker compiles it and caches the compiled grammar keyed by this value.
+
+    - `json_object`: any JSON object.
+    - `json_schema`: a JSON value valid against `json_schema` (JSON text; the ingress checked which keywords it uses).
+    - `tool_calls`: DeepSeek-V4 tool-call markup calling one of `tools` (one call, or one or more with `parallel`),
+      arguments valid against that tool's parameters (`tool_choice` "required" or a named function)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["json_object", "json_schema", "tool_calls"]
+    json_schema: str | None = Field(None, description="json_schema: the schema, as JSON text.")
+    tools: tuple[ToolSpec, ...] = Field((), description="tool_calls: the functions that may be called.")
+    parallel: bool = Field(True, description="tool_calls: more than one call allowed.")
+
+
 class RequestParams(BaseModel):
     """How one request generates. Defaults are greedy (as `DeepseekV4.generate`); the OpenAI front maps its own
     defaults explicitly."""
@@ -53,6 +77,8 @@ class RequestParams(BaseModel):
                                       "logit is divided by it, a negative one multiplied; 1 = off.")
     logit_bias: dict[int, float] = Field(default_factory=dict, description=f"Token id -> added to its logit, in "
                                          f"[-100, 100]; at most {MAX_LOGIT_BIAS} entries.")
+    structured: StructuredOutput | None = Field(None, description="A grammar the output must follow (JSON mode, "
+                                                "a JSON schema, forced tool calls); None = free text.")
     replay_chunks: list[int] = Field(default_factory=list, description="A request moved from a lost worker: the "
                                      "chunks its prompt tokens were fed in there (the original prompt, then one per "
                                      "generated token); fed the same way here so the continuation is exact. Empty: "

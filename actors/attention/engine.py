@@ -18,6 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from moemesh.actors.attention.blocks import CacheLayout
+from moemesh.actors.attention.grammar import GrammarCompiler, GrammarState
 from moemesh.actors.attention.paged_cache import KVCacheUsage, PagedKVCache
 from moemesh.actors.attention.sampler import LogitsProcessor, Sampled, SampleRow, prompt_logprobs, sample_rows
 from moemesh.actors.attention.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -86,6 +87,7 @@ class _Request:
     generator: torch.Generator | None
     cache: SequenceCache | None = None
     processors: list[LogitsProcessor] = field(default_factory=list)
+    grammar: GrammarState | None = None
     prompt_lp: TokenLogprobs | None = None  # prompt logprobs so far (positions 0.. predict tokens 1..), if asked
     prompt_lp_sent: bool = False
 
@@ -101,7 +103,8 @@ class _Request:
             prompt, output = seq.prompt_token_ids, seq.output_token_ids
         else:
             prompt, output = seq.prompt_token_ids[:n], seq.prompt_token_ids[n:] + seq.output_token_ids
-        return SampleRow(self.params, self.sampling, self.generator, prompt, output, self.processors)
+        return SampleRow(self.params, self.sampling, self.generator, prompt, output, self.processors, self.grammar,
+                         sorted(self.seq.stop_token_ids) if self.grammar else ())
 
 
 class Engine:
@@ -112,8 +115,10 @@ class Engine:
 
     def __init__(self, model: DeepseekV4, cache: CacheConfig | None = None,
                  scheduler: SchedulerConfig | None = None, model_step: ModelStep | None = None,
-                 max_model_len: int | None = None):
+                 max_model_len: int | None = None, grammar: GrammarCompiler | None = None):
+        """`grammar`: compiles requests' `structured` output (needs the tokenizer); None: such requests are refused."""
         cfg = model.config
+        self.grammar = grammar
         self.model = model
         self.model_step: ModelStep = model_step or model.step
         self.max_model_len = min(cfg.max_position_embeddings, max_model_len or cfg.max_position_embeddings)
@@ -155,6 +160,10 @@ class Engine:
                                  f"{len(prompt)}")
             seq.chunks = list(params.replay_chunks)  # fed as recorded, like a preempted sequence's recompute
         self.scheduler.check(seq)
+        if params.structured is not None:
+            if self.grammar is None:
+                raise ValueError("response_format: structured output needs a grammar compiler (this engine has none)")
+            self.grammar.compile(params.structured)  # a bad grammar fails here, before queueing; then cached
         return seq
 
     def add_request(self, request_id: str, prompt_token_ids: Seq[int], params: RequestParams | None = None,
@@ -166,7 +175,9 @@ class Engine:
         self.scheduler.add(seq)
         sampling = params.sampling()
         self._requests[request_id] = _Request(seq, params, sampling, sampling.generator(self.model.device),
-                                              processors=list(processors))
+                                              processors=list(processors),
+                                              grammar=self.grammar.state(params.structured) if params.structured
+                                              else None)
         if params.prompt_logprobs is not None:
             self._requests[request_id].prompt_lp = TokenLogprobs()
 

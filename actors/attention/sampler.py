@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moemesh.actors.attention.grammar import GrammarState, apply_grammars
 from moemesh.actors.request import RequestParams, TokenLogprobs
 from moemesh.kernels.sampling import (
     SamplingParams,
@@ -41,6 +42,8 @@ class SampleRow:
     prompt_ids: Sequence[int]  # what repetition_penalty counts besides the output
     output_ids: Sequence[int]  # the tokens generated so far (all penalties count them)
     processors: Sequence[LogitsProcessor] = ()
+    grammar: GrammarState | None = None  # structured output: its mask applies with the batch's others in one op
+    stop_ids: Sequence[int] = ()  # what may follow a finished grammar
 
 
 @dataclass
@@ -59,7 +62,7 @@ def sample_rows(logits: torch.Tensor, rows: Sequence[SampleRow]) -> list[Sampled
 
 
 def adjust_logits(logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
-    """Steps 1-3: logit_bias, penalties and logits processors, each on the rows that have them."""
+    """Steps 1-3: logit_bias, penalties, grammar masks and logits processors, each on the rows that have them."""
     # Step 1: logit_bias, one scatter over the batch
     biased = [(i, t, b) for i, r in enumerate(rows) for t, b in r.params.logit_bias.items()]
     if biased:
@@ -78,7 +81,10 @@ def adjust_logits(logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tens
         index = torch.tensor(pen, device=dev)
         logits[index] = apply_penalties(logits[index], prompt_mask, token_counts([r.output_ids for r in sub], V, dev),
                                         presence, frequency, repetition)
-    # Step 3: per-request logits processors
+    # Step 3: grammar masks (one bitmask over the batch), then per-request logits processors
+    constrained = [(i, r.grammar, r.output_ids) for i, r in enumerate(rows) if r.grammar is not None]
+    if constrained:
+        apply_grammars(logits, constrained, rows[constrained[0][0]].stop_ids)
     for i, r in enumerate(rows):
         for processor in r.processors:
             logits[i] = processor(r.output_ids, logits[i])

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from moemesh.actors.attention.engine import AsyncEngine, CacheConfig, Engine
+from moemesh.actors.attention.grammar import grammar_for
 from moemesh.actors.attention.remote_step import RemoteStep, StepParts
 from moemesh.actors.attention.scheduler import SchedulerConfig
 from moemesh.actors.attention.shard_avoidance import RecoveryConfig
@@ -78,7 +79,8 @@ class AttentionWorker:
                           engram_latency=engram_latency_histogram(self.registry), micro_batches=micro_batches,
                           on_step=self.step_parts.add)
         engine = Engine(self.model, CacheConfig(block_size=block_size, num_blocks=kv_cache_blocks),
-                        SchedulerConfig(max_num_seqs=max_num_seqs), model_step=step)
+                        SchedulerConfig(max_num_seqs=max_num_seqs), model_step=step,
+                        grammar=grammar_for(model_dir, cfg))
         self.engine = AsyncEngine(engine)
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: dict) -> AsyncIterator[dict]:

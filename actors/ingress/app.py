@@ -50,6 +50,7 @@ from moemesh.actors.ingress.protocol import (
     unavailable,
 )
 from moemesh.actors.ingress.text import StopCutter, TextCodec
+from moemesh.actors.ingress.structured import response_format_output
 from moemesh.actors.request import Delta, RequestParams, check_token_ids
 
 __all__ = ["Delta", "Ingress", "LeastLoadedRouter", "RequestParams", "Worker"]
@@ -235,6 +236,7 @@ class Ingress:
         else:
             logprobs = req.logprobs
         prompt_logprobs = None if chat or not req.echo else req.logprobs
+        structured = response_format_output(req.response_format) if chat else None
         choices, prompt_tokens = [], 0
         for p, (ids, echo) in enumerate(self._prompts(req)):
             max_tokens = self._max_tokens(len(ids), req)
@@ -246,7 +248,7 @@ class Ingress:
                     stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs,
                     prompt_logprobs=prompt_logprobs, presence_penalty=req.presence_penalty,
                     frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
-                    logit_bias=bias)
+                    logit_bias=bias, structured=structured)
                 index = p * req.n + j
                 buffer = None if logprobs is None else LogprobsBuffer(self.codec.token_piece,
                                                                       "chat" if chat else "completion")

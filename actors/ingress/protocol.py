@@ -3,7 +3,7 @@
 Requests are validated in strict mode (`"5"` is not an int, `1.0` is not an int, `"true"` is not a bool) after the
 ingress parsed the body itself (see `parse_json_body`). Unknown request fields are accepted and ignored
 (`extra="ignore"`): OpenAI clients send fields we do not model (`user`, `metadata`, `store`, ...) and must keep
-working. Fields we model but cannot honour (tools, `response_format`, `suffix`, ...) are rejected with 400 when set to
+working. Fields we model but cannot honour (`suffix`, ...) are rejected with 400 when set to
 a non-default value, so a client never gets silently different behaviour from what it asked for.
 Every error, whatever raised it, becomes an `OpenAIError` in one place: `to_openai_error`.
 """
@@ -313,7 +313,9 @@ class ChatCompletionRequest(_GenerationRequest):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="With logprobs: this many most "
                                      "likely tokens at each position.")
     tools: list[dict] | None = Field(None, description="Not supported (must be empty).")
-    response_format: dict | None = Field(None, description="Only {\"type\": \"text\"} is supported.")
+    response_format: dict | None = Field(None, description="{\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+                                         "{\"type\": \"json_schema\", \"json_schema\": {\"name\", \"schema\", "
+                                         "\"strict\"}}: enforced while decoding (docs/api.md).")
 
     def model_post_init(self, _context) -> None:
         if self.max_completion_tokens is not None:
@@ -330,8 +332,6 @@ class ChatCompletionRequest(_GenerationRequest):
         out = super().unsupported()
         if self.tools:
             out["tools"] = self.tools
-        if self.response_format not in (None, {"type": "text"}):
-            out["response_format"] = self.response_format
         return out
 
 

@@ -400,8 +400,12 @@ BAD = [  # (id, path, body: dict | bytes, status, param, code)
     ("logit-bias-too-many", "completions", _completion(logit_bias={str(i): 1 for i in range(1025)}), 400,
      "logit_bias", None),
     ("tools", "chat/completions", _chat(tools=[{"type": "function"}]), 400, "tools", "unsupported_parameter"),
-    ("json-mode", "chat/completions", _chat(response_format={"type": "json_object"}), 400, "response_format",
-     "unsupported_parameter"),
+    ("json-mode-unknown-type", "chat/completions", _chat(response_format={"type": "json"}), 400, "response_format",
+     None),
+    ("json-schema-invalid", "chat/completions", _chat(response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "objectt"}}}), 400, "response_format", None),
+    ("json-schema-unsupported", "chat/completions", _chat(response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "integer", "multipleOf": 3}}}), 400, "response_format", None),
     ("best-of", "completions", _completion(best_of=3), 400, "best_of", "unsupported_parameter"),
     ("prompt-longer-than-context", "completions", _completion(prompt=list(range(1, 70))), 400, "prompt",
      "context_length_exceeded"),
