@@ -116,6 +116,9 @@ class ExpertsConfig(_Strict):
     batch_wait_ms: float = Field(0.0, ge=0, description="Extra wait of an idle shard for more requests of a layer "
                                  "(0: none; requests arriving while it computes are merged anyway).")
     max_batch_tokens: int = Field(8192, ge=1, description="Tokens per merged expert batch.")
+    decoded_cache: float = Field(0.2, ge=0, le=8, description="Decoded experts a shard keeps for reuse, as a fraction "
+                                 "of its packed expert bytes (a float32 expert is 8x its FP4 bytes); the step's "
+                                 "micro-batches bring each layer twice. 0: decode every time.")
     placement: Placement = Field(default_factory=Placement, description="Resources per shard.")
     autoscaling: AutoscalingConfig | None = Field(None, description="The expert controller: replicas of hot "
                                                   "experts added and removed with load (docs/autoscaling.md); "

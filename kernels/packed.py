@@ -16,7 +16,8 @@ float16 -> compute dtype conversion is a vectorized copy and the block scale (ti
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -160,10 +161,37 @@ def _stored_scale(scale: Tensor) -> Tensor:
 
 class Scratch:
     """Reused buffers for decoding one expert at a time, by key; shared by the banks of one shard, which computes one
-    batch at a time (not thread-safe). Holds at most one expert's decoded weights plus their integer staging."""
+    batch at a time (not thread-safe). Holds one expert's decoded weights plus their integer staging, and, within
+    `cache_bytes`, the most recently used decoded experts (`decoded`): the micro-batches of one step reach a shard
+    one after the other with the same layer, and would otherwise decode the same experts again."""
 
-    def __init__(self):
+    def __init__(self, cache_bytes: int = 0):
         self._buffers: dict[str, Tensor] = {}
+        self.cache_bytes, self.hits, self.misses = cache_bytes, 0, 0
+        self._decoded: OrderedDict[Hashable, tuple[Tensor, ...]] = OrderedDict()
+        self._decoded_bytes = 0
+
+    def decoded(self, key: Hashable, decode: Callable[[], tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
+        """`decode()`'s weights for `key` (e.g. (bank, slot)), from the cache when there; a miss is decoded, and kept
+        (least recently used ones evicted) if it fits in `cache_bytes`. Without a budget: `decode()` as is (scratch
+        buffers, valid until the next decode)."""
+        if self.cache_bytes <= 0:
+            return decode()
+        hit = self._decoded.get(key)
+        if hit is not None:
+            self._decoded.move_to_end(key)
+            self.hits += 1
+            return hit
+        self.misses += 1
+        weights = tuple(w.clone() for w in decode())  # out of the scratch buffers the next decode overwrites
+        size = sum(w.numel() * w.element_size() for w in weights)
+        if size <= self.cache_bytes:
+            while self._decoded_bytes + size > self.cache_bytes:
+                _, old = self._decoded.popitem(last=False)
+                self._decoded_bytes -= sum(w.numel() * w.element_size() for w in old)
+            self._decoded[key] = weights
+            self._decoded_bytes += size
+        return weights
 
     def get(self, key: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
         buf = self._buffers.get(key)
@@ -173,7 +201,7 @@ class Scratch:
 
     @property
     def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+        return sum(b.numel() * b.element_size() for b in self._buffers.values()) + self._decoded_bytes
 
 
 def _pow2_scale(scale: Tensor, shift: int) -> Tensor:

@@ -42,6 +42,10 @@ class BatchingConfig(BaseModel):
     max_wait_s: float = Field(0.0, ge=0, description="Extra wait of a layer's first queued request for others when "
                               "the shard is idle (0: none; requests arriving while it computes are merged anyway).")
     max_tokens: int = Field(4096, gt=0, description="A layer's queue runs as soon as it holds this many tokens.")
+    decoded_cache: float = Field(
+        0.2, ge=0, le=8, description="Decoded experts kept for reuse, as a fraction of the shard's packed expert bytes "
+                                     "(kernels/packed.py `Scratch.decoded`): the micro-batches of a step bring the "
+                                     "same layer one after the other. 0: decode every time.")
     max_pending_tokens: int = Field(
         1 << 18, gt=0, description="Accepted-but-unanswered tokens beyond which new requests get Overloaded "
                                    "(RESOURCE_EXHAUSTED); a request arriving when nothing is pending is always taken.")
@@ -105,6 +109,8 @@ class ExpertShard:
         self.expert_map_version = expert_map_version
         self.batching = batching or BatchingConfig()
         self.counters = ShardCounters(tokens_per_expert={layer: {} for layer in self.banks})
+        for scratch in {id(b.scratch): b.scratch for b in self.banks.values() if b.is_packed}.values():
+            scratch.cache_bytes = int(self.batching.decoded_cache * self.expert_bytes)
         self._queues: dict[int, _Queue] = {}
         self._pending_tokens = 0
         self._tasks: set[asyncio.Task] = set()

@@ -190,7 +190,7 @@ def bench_served(config, name: str, levels: list[int], micro_batches: list[int],
         return runs
 
     runs = asyncio.run(all_runs())
-    return runs, shard_memory(config.model, len(app.shards))
+    return runs, shard_memory(len(app.shards))
 
 
 def _draw(trace: dict | None, path: str, model: str) -> None:
@@ -255,30 +255,17 @@ def bench_engram_step(model_dir: str, batch: int = 8, prompt_len: int = 64, step
             host.shutdown()
 
 
-def shard_memory(model_dir: str, n_shards: int, app_name: str | None = None) -> list[dict]:
+def shard_memory(n_shards: int, app_name: str | None = None) -> list[dict]:
     """Issue 14's `shards` list for a deployed app: per expert shard deployment, `ExpertShardHost.memory()` of its
-    replica ({expert_bytes: packed expert weights held, scratch_bytes, rss_bytes, peak_rss_bytes}) plus
-    `empty_rss_bytes`: the RSS of a shard process with no experts loaded (an `ExpertShardHost` with an empty
-    assignment, started as a Ray actor with the roles' environment, measured, and killed). Call while the app runs
-    (after the load, before teardown); target: rss_bytes <= 1.25 x expert_bytes + empty_rss_bytes."""
-    import ray
+    replica: expert_bytes (packed expert weights held), scratch_bytes, rss_bytes, peak_rss_bytes, and empty_rss_bytes
+    (the same process before it loaded any expert). Call while the app runs (after the load, before teardown);
+    target: rss_bytes <= 1.25 x expert_bytes + empty_rss_bytes."""
     from ray import serve
 
     from moemesh.cluster.names import APP_NAME, expert_shard
-    from moemesh.cluster.serve.edge import ROLE_ENV
-    from moemesh.cluster.serve.hosts import ExpertShardHost
 
-    rows = []
-    for i in range(n_shards):
-        handle = serve.get_deployment_handle(expert_shard(i), app_name=app_name or APP_NAME)
-        rows.append({"name": expert_shard(i), **handle.memory.remote().result(timeout_s=120)})
-    empty = ray.remote(ExpertShardHost).options(num_cpus=0, runtime_env={"env_vars": dict(ROLE_ENV)}).remote(
-        model_dir, {})
-    try:
-        empty_rss = ray.get(empty.memory.remote(), timeout=120)["rss_bytes"]
-    finally:
-        ray.kill(empty)
-    return [{**row, "empty_rss_bytes": empty_rss} for row in rows]
+    return [{"name": expert_shard(i), **serve.get_deployment_handle(expert_shard(i), app_name=app_name or APP_NAME)
+             .memory.remote().result(timeout_s=120)} for i in range(n_shards)]
 
 
 def run(config, levels: list[int], per_client: int, prompt_len: int, max_tokens: int, write: str | None,

@@ -92,7 +92,8 @@ def build_app(config: DeploymentConfig):
     mcfg = ModelConfig.from_file(model_dir)
     security = config.grpc_security()  # one cluster token per deploy; every shard and worker gets it
     assignment = config.experts.resolve(list(range(mcfg.num_hidden_layers)), mcfg.n_routed_experts)
-    batching = {"max_wait_s": config.experts.batch_wait_ms / 1000, "max_tokens": config.experts.max_batch_tokens}
+    batching = {"max_wait_s": config.experts.batch_wait_ms / 1000, "max_tokens": config.experts.max_batch_tokens,
+                "decoded_cache": config.experts.decoded_cache}
     att = config.attention
     collective = None
     if config.experts.transport == "collective":

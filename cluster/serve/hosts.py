@@ -16,7 +16,7 @@ import torch
 from moemesh.actors.engram.server import serve_engram_shard
 from moemesh.actors.engram.service import EngramShard
 from moemesh.actors.experts.server import serve_expert_shard
-from moemesh.actors.experts.shard import BatchingConfig, ExpertShard
+from moemesh.actors.experts.shard import BatchingConfig, ExpertShard, process_memory
 from moemesh.actors.io_loop import IoLoop
 from moemesh.actors.role_metrics import EngramShardCollector, ExpertShardCollector, role_registry, serve_registry
 from moemesh.kernels.checkpoint import Checkpoint
@@ -77,6 +77,7 @@ class ExpertShardHost(_GrpcHost):
     def __init__(self, model_dir: str, assignment: Mapping[int, Sequence[int]], host: str = "127.0.0.1",
                  port: int = 0, dtype: str = "float32", device: str = "cpu", batching: dict | None = None,
                  security: GrpcSecurity | None = None, expert_map_version: int = 0):
+        self.empty_rss_bytes = process_memory()["rss_bytes"]  # this process before it loads any expert
         super().__init__("expert-shard-io")
         self.collective: CollectiveShardServer | None = None
         device = resolve_device(device)  # a clear DeviceUnavailable here, not a torch error mid-load
@@ -98,9 +99,10 @@ class ExpertShardHost(_GrpcHost):
         return self._start_metrics(host, ExpertShardCollector(self.shard))
 
     def memory(self) -> dict[str, int]:
-        """{expert_bytes (packed expert weights held), scratch_bytes, rss_bytes, peak_rss_bytes} of this shard
-        process (`ExpertShard.memory`). A host built with an empty assignment gives a shard's empty footprint."""
-        return self.shard.memory()
+        """{expert_bytes (packed expert weights held), scratch_bytes (decode buffers and decoded experts kept),
+        rss_bytes, peak_rss_bytes} of this shard process (`ExpertShard.memory`), and empty_rss_bytes: its RSS when it
+        started, before loading any expert (Ray, Serve and torch already in)."""
+        return {**self.shard.memory(), "empty_rss_bytes": self.empty_rss_bytes}
 
     def stats(self) -> dict:
         c = self.shard.counters

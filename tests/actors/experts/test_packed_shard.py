@@ -7,6 +7,7 @@ max |packed - ref| / max |ref| <= 1e-5 (about 100 float32 eps)."""
 
 from __future__ import annotations
 
+import asyncio
 from functools import partial
 
 import pytest
@@ -105,7 +106,35 @@ def test_bfloat16_shard_decodes_into_bfloat16(tiny_model_dir):
 
 
 def test_a_shard_without_experts_reports_its_empty_footprint(tiny_model_dir):
-    """What `empty_rss_bytes` is measured on (cluster/bench/serve.py: shard_memory)."""
+    """A shard holding nothing reports no expert or scratch bytes (`empty_rss_bytes` in the bench is the shard
+    process's RSS before it loaded experts: cluster/serve/hosts.py)."""
     memory = ExpertShard.from_loader(Checkpoint(tiny_model_dir).config, {}, None).memory()
     assert memory["expert_bytes"] == 0 and memory["scratch_bytes"] == 0
     assert 0 < memory["rss_bytes"] <= memory["peak_rss_bytes"]
+
+
+def test_decoded_experts_are_reused_within_the_budget_and_give_the_same_answer(tiny_model_dir):
+    """The micro-batches of a step bring a layer to the shard one after the other: the second finds the experts the
+    first decoded (`BatchingConfig.decoded_cache`, a fraction of the packed bytes), and the answer is the same."""
+    from moemesh.actors.experts.shard import BatchingConfig
+    from moemesh.proto.codec import TokenBatch
+
+    cfg = Checkpoint(tiny_model_dir).config
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, cfg.hidden_size, generator=g)
+    ids = torch.randint(0, cfg.n_routed_experts, (6, 2), generator=g)
+    batch = TokenBatch(LAYER, x, ids, torch.rand(6, 2, generator=g))
+    plain = _packed_shard(tiny_model_dir, batching=BatchingConfig(decoded_cache=0))
+    want = asyncio.run(plain.dispatch(batch))
+    shard = _packed_shard(tiny_model_dir, batching=BatchingConfig(decoded_cache=8))  # room for every expert
+    scratch = shard.banks[LAYER].scratch
+    first, second = asyncio.run(shard.dispatch(batch)), asyncio.run(shard.dispatch(batch))
+    torch.testing.assert_close(first, want, rtol=0, atol=0)
+    torch.testing.assert_close(second, want, rtol=0, atol=0)
+    distinct = len(set(ids.unique().tolist()) & set(HELD))
+    assert scratch.misses == distinct and scratch.hits == distinct  # decoded once, then reused
+    float_bytes = 4 * 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    assert scratch.nbytes >= distinct * float_bytes and plain.banks[LAYER].scratch.hits == 0
+    small = _packed_shard(tiny_model_dir, batching=BatchingConfig(decoded_cache=1e-9))  # below one expert: none kept
+    asyncio.run(small.dispatch(batch))
+    assert small.banks[LAYER].scratch.hits == 0 and small.banks[LAYER].scratch._decoded_bytes == 0
