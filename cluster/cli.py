@@ -195,7 +195,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
                                                          "on the same deployment (default: the config's)")
     p.add_argument("--json", default=None, help="serve: write every run's numbers to this JSON file")
     p.add_argument("--timeline", default=None, help="serve: draw a busy served step of the last run (an .svg or "
-                                                    ".png path; needs matplotlib)")
+                                                    ".png path)")
     p.add_argument("--per-client", type=int, default=2, help="requests each client sends (default 2)")
     p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens (default 32)")
     p.add_argument("--max-tokens", type=int, default=16, help="new tokens per request (default 16)")

@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from moemesh.kernels import quant
+from moemesh.kernels import cpu_decode, quant
 from moemesh.kernels.weights import expert_tensor_names, scale_names
 
 Format = Literal["float", "fp8", "fp4"]
@@ -56,6 +56,8 @@ class PackedWeight:
             return self.data[s] if self.data.dtype == dtype else scratch.get(key, (self.rows, self.cols), dtype,
                                                                                  self.data.device).copy_(self.data[s])
         out = scratch.get(key, (self.rows, self.cols), dtype, self.data.device)
+        if cpu_decode.decode(self.fmt, self.data[s], self.scale[s], out) is not None:  # one pass (numba), exact
+            return out
         if self.fmt == "fp8":
             return _decode_fp8(self.data[s], self.scale[s], out, scratch)
         return _decode_fp4(self.data[s], self.scale[s], out, scratch)

@@ -33,13 +33,11 @@ def rows(events: Sequence[Event]) -> list[tuple[str, list[tuple[float, float]], 
 
 def render(events: Sequence[Event], path: str, title: str) -> None:
     """Write the timeline as an image (the format follows `path`'s suffix: .svg, .png)."""
-    try:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise RuntimeError("--timeline needs matplotlib: pip install matplotlib") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     table = rows(events)
     fig, ax = plt.subplots(figsize=(11, 0.45 * len(table) + 1.4))
     for y, (_, spans, color, hatch) in enumerate(reversed(table)):

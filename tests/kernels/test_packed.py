@@ -47,7 +47,15 @@ def test_missing_stored_tensor_is_named():
 @pytest.mark.parametrize("fmt, shape", [("fp8", (2, 256, 384)), ("fp8", (2, 130, 260)), ("fp4", (2, 64, 128)),
                                         ("fp4", (2, 33, 70))])  # whole blocks, and partial edge blocks/groups
 @pytest.mark.parametrize("scale_fmt", ["ue8m0", "float32"])
-def test_decode_is_exactly_the_reference_dequantization(fmt, shape, scale_fmt):
+@pytest.mark.parametrize("path", ["one-pass", "torch"])
+def test_decode_is_exactly_the_reference_dequantization(fmt, shape, scale_fmt, path, monkeypatch):
+    """Both CPU decoders (kernels/cpu_decode.py's one pass with numba, and the torch passes it falls back to)."""
+    from moemesh.kernels import cpu_decode
+
+    if path == "torch":
+        monkeypatch.setattr(cpu_decode, "numba", None)
+    else:
+        assert cpu_decode.available()  # numba is a dependency: the fast path must be what runs here
     w = torch.randn(*shape) * torch.logspace(-3, 1, shape[-1])  # a wide range of magnitudes: subnormal codes too
     packed = PackedWeight.quantize(w, fmt, scale_fmt)
     ref, scratch = packed.dequantize(), Scratch()
