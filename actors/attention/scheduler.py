@@ -33,18 +33,18 @@ class SchedulerConfig(BaseModel):
 
     max_num_seqs: int = Field(8, ge=1, description="Most sequences running at once (= KV state slots).")
     max_num_batched_tokens: int | None = Field(
-        None, ge=1, description="Most tokens fed in one step (decode tokens + prefill); None = no limit. The first "
-                                "chunk of a step is always taken, so a long prompt is never starved.")
+        2048, ge=1, description="Most tokens fed in one step (decode tokens + prefill chunks); None = no limit. The "
+                                "first chunk of a step is always taken, so a long prompt is never starved.")
     chunked_prefill: bool = Field(
-        False, description="Split prompts to fill the token budget. Off by default: the CSA indexer's top-k breaks "
-                           "exact ties depending on chunking, so chunked prefill may differ (equally validly) from an "
-                           "unchunked reference.")
+        True, description="Split prompts to fill the token budget, so a long prompt never stalls running decodes "
+                          "for more than one budget's worth of tokens per step. Exact: chunked and whole prefill "
+                          "give the same tokens (the CSA indexer breaks score ties by entry index, not pool size).")
     watermark: float = Field(0.01, ge=0, lt=1, description="Share of the blocks kept free when admitting while "
                                                            "others run, so running sequences can grow.")
     exact_recompute: bool = Field(
         True, description="After a preemption, feed the sequence's recorded chunks again (prompt, then one token per "
                           "step): bit-exact continuation. False: one prefill of prompt + generated tokens (fewer "
-                          "steps; may pick other equally-scored indexer entries).")
+                          "steps; the same selections, float rounding may differ in the last bits).")
 
 
 @dataclass

@@ -23,8 +23,8 @@ class Sequence:
     """One request's tokens and progress.
 
     `chunks` records how the tokens were fed (prompt, or its prefill chunks, then one token per step). After a
-    preemption the cache is rebuilt by feeding the same chunks again: the CSA indexer's top-k breaks exact score ties
-    depending on how many entries the pool holds when a query runs, so only the same chunking gives the same state.
+    preemption the cache is rebuilt by feeding the same chunks again: other chunkings select the same indexer
+    entries (ties go to the lower index), but float sums of differently shaped steps may differ in the last bits.
     """
 
     request_id: str

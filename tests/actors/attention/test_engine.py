@@ -92,9 +92,18 @@ def test_chunked_prefill_keeps_every_step_within_the_token_budget(model, prompts
     engine = Engine(model, model_step=step,
                     scheduler=SchedulerConfig(max_num_batched_tokens=32, chunked_prefill=True))
     got = _run(engine, _greedy(prompts))
-    assert max(sizes) == 32 and all(got[f"r{i}"][1] in ("stop", "length") for i in range(6))
-    # prompts shorter than a chunk are fed whole, as in generate (longer ones may pick other tied indexer entries)
-    assert got["r0"][0] == reference[0] and got["r1"][0] == reference[1]
+    assert max(sizes) == 32
+    for i, want in enumerate(reference):  # chunked prompts give the tokens of generate's one whole prefill
+        assert got[f"r{i}"][0] == want, f"prompt of {LENGTHS[i]} tokens"
+
+
+def test_recompute_in_one_prefill_keeps_the_outputs_exact(model, prompts, reference):
+    engine = Engine(model, cache=CacheConfig(block_size=4, num_blocks=50),
+                    scheduler=SchedulerConfig(max_num_seqs=6, exact_recompute=False))
+    got = _run(engine, _greedy(prompts))
+    assert engine.scheduler.num_preemptions > 0
+    for i, want in enumerate(reference):
+        assert got[f"r{i}"][0] == want, f"prompt of {LENGTHS[i]} tokens"
 
 
 def test_a_short_request_added_after_a_long_one_finishes_first(model, prompts):
