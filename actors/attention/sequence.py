@@ -38,6 +38,8 @@ class Sequence:
     num_fed_chunks: int = 0  # how many of `chunks` the current cache has seen
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
+    use_prefix_cache: bool = True  # False: compute every prompt token (e.g. prompt logprobs need each position)
+    num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache at (the last) admission
 
     @property
     def token_ids(self) -> list[int]:
