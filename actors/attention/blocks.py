@@ -15,7 +15,7 @@ A sequence's state per layer (see `kernels/decode_state.py`) is of two kinds:
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 from moemesh.kernels.config import CSA, SLIDING, ModelConfig
@@ -141,6 +141,8 @@ class BlockManager:
         self._free = deque(range(num_blocks))
         self._free_slots = deque(range(num_slots))
         self._held: dict[Hashable, _Holding] = {}
+        self._refs = [0] * num_blocks  # holders of each block: sequences' tables and cached prefixes
+        self.reclaim: Callable[[int], None] | None = None  # frees unreferenced cached blocks (PrefixCache sets it)
 
     # -- questions ----------------------------------------------------------------------------------------------------
     @property
@@ -175,7 +177,9 @@ class BlockManager:
         """Whether `key` (admitted or not) can grow to `num_tokens` and leave `reserve` blocks free."""
         if key not in self._held and not self._free_slots:
             return False
-        return self.extra_blocks(key, num_tokens) + reserve <= len(self._free)
+        need = self.extra_blocks(key, num_tokens) + reserve
+        self._make_room(need)
+        return need <= len(self._free)
 
     def usage(self) -> KVCacheUsage:
         used_b, used_s = self.num_blocks - len(self._free), self.num_slots - len(self._free_slots)
@@ -206,21 +210,23 @@ class BlockManager:
         """Grow every store of `key` to hold the state of `num_tokens` tokens, or raise OutOfBlocks taking nothing."""
         tables = self._held[key].tables
         missing = [max(0, s.blocks(num_tokens) - len(t)) for s, t in zip(self.layout.stores, tables)]
+        self._make_room(sum(missing))
         if sum(missing) > len(self._free):
             raise OutOfBlocks(f"sequence {key!r} needs {sum(missing)} more blocks for {num_tokens} tokens, "
                               f"{len(self._free)} of {self.num_blocks} are free")
         for table, k in zip(tables, missing):
-            table.extend(self._free.popleft() for _ in range(k))
+            table.extend(self._take() for _ in range(k))
 
     def grow(self, key: Hashable, store: int, rows: int) -> None:
         """Make one store of `key` hold `rows` rows, or raise OutOfBlocks taking nothing."""
         table = self._held[key].tables[store]
         k = -(-rows // self.layout.stores[store].rows_per_block) - len(table)
+        self._make_room(k)
         if k > len(self._free):
             s = self.layout.stores[store]
             raise OutOfBlocks(f"sequence {key!r}: layer {s.layer} {s.kind} rows need {k} more blocks, "
                               f"{len(self._free)} of {self.num_blocks} are free")
-        table.extend(self._free.popleft() for _ in range(max(k, 0)))
+        table.extend(self._take() for _ in range(max(k, 0)))
 
     def free(self, key: Hashable) -> None:
         """Return every block and the slot of `key`."""
@@ -228,13 +234,53 @@ class BlockManager:
         if holding is None:
             raise ValueError(f"sequence {key!r} holds nothing (never admitted, or already freed)")
         for table in holding.tables:
-            self._free.extend(table)
+            self.release(table)
             table.clear()  # a stale PagedRows now fails loudly instead of reading another sequence's rows
         self._free_slots.append(holding.slot)
 
+    # -- sharing (prefix caching) -------------------------------------------------------------------------------------
+    def hold(self, blocks: list[int]) -> None:
+        """One more holder for each of `blocks` (a cached prefix, or a sequence that adopted one)."""
+        for b in blocks:
+            self._refs[b] += 1
+
+    def release(self, blocks: list[int]) -> None:
+        """One holder less for each of `blocks`; a block nobody holds is free again."""
+        for b in blocks:
+            self._refs[b] -= 1
+            if self._refs[b] == 0:
+                self._free.append(b)
+
+    def adopt(self, key: Hashable, tables: list[list[int]]) -> None:
+        """Start `key`'s (empty) block tables with shared blocks, one list per store (each gets one holder more)."""
+        for mine, shared in zip(self._held[key].tables, tables):
+            if mine:
+                raise ValueError(f"sequence {key!r} already holds blocks: adopt before allocating")
+            self.hold(shared)
+            mine.extend(shared)
+
+    def take_block(self) -> int:
+        """One fresh block (ref 1) outside any table, or OutOfBlocks."""
+        self._make_room(1)
+        if not self._free:
+            raise OutOfBlocks(f"no free block: all {self.num_blocks} are held")
+        return self._take()
+
+    def _take(self) -> int:
+        b = self._free.popleft()
+        self._refs[b] = 1
+        return b
+
+    def _make_room(self, need: int) -> None:
+        if need > len(self._free) and self.reclaim is not None:
+            self.reclaim(need - len(self._free))
+
     def check(self) -> None:
-        """Internal invariants (for tests): every block and slot is free or held by exactly one sequence."""
-        held = [b for h in self._held.values() for t in h.tables for b in t]
-        assert sorted(held + list(self._free)) == list(range(self.num_blocks)), "block double-held or lost"
+        """Internal invariants (for tests): a block is free iff nobody holds it; every slot is free or held by exactly
+        one sequence."""
+        held = {b for h in self._held.values() for t in h.tables for b in t}
+        assert not held & set(self._free), "a held block is on the free list"
+        assert all((r == 0) == (b in set(self._free)) for b, r in enumerate(self._refs)), "refcount/free list mismatch"
+        assert len(self._free) == len(set(self._free)), "block freed twice"
         slots = [h.slot for h in self._held.values()] + list(self._free_slots)
         assert sorted(slots) == list(range(self.num_slots)), "slot double-held or lost"

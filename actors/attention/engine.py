@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from moemesh.actors.attention.blocks import CacheLayout
 from moemesh.actors.attention.grammar import GrammarCompiler, GrammarState
 from moemesh.actors.attention.paged_cache import KVCacheUsage, PagedKVCache
+from moemesh.actors.attention.prefix_cache import PrefixCache
 from moemesh.actors.attention.sampler import LogitsProcessor, Sampled, SampleRow, prompt_logprobs, sample_rows
 from moemesh.actors.attention.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from moemesh.actors.attention.sequence import Sequence
@@ -40,6 +41,12 @@ class CacheConfig(BaseModel):
     block_size: int = Field(16, ge=1, description="Rows of head_dim per block (narrower rows pack more per block).")
     num_blocks: int | None = Field(None, ge=0, description="Blocks in the pool; give this or memory_bytes.")
     memory_bytes: int | None = Field(None, gt=0, description="Bytes for state slots + blocks (blocks get the rest).")
+    enable_prefix_caching: bool = Field(True, description="Reuse the state of prompt prefixes computed before "
+                                                          "(actors/attention/prefix_cache.py).")
+    prefix_block_tokens: int = Field(64, ge=1, description="Prefix caching granularity: a state is cached after "
+                                                           "every multiple of this many tokens.")
+    prefix_snapshots: int | None = Field(None, ge=1, description="Cached prefix states (each one state slot of "
+                                                                 "memory, beside the pool); None = 4 x max_num_seqs.")
 
 
 @dataclass
@@ -55,6 +62,7 @@ class RequestOutput:
     completion_tokens: int
     logprobs: TokenLogprobs | None = None
     prompt_logprobs: TokenLogprobs | None = None
+    cached_tokens: int = 0  # prompt tokens whose state came from the prefix cache
 
 
 @dataclass
@@ -63,6 +71,8 @@ class EngineStats:
     num_waiting: int
     kv_cache: KVCacheUsage
     num_preemptions: int  # since the engine started
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache, since the engine started
+    prefix_cache_hits: int = 0  # of those, tokens found
 
 
 @dataclass
@@ -128,9 +138,12 @@ class Engine:
         if num_blocks is None and memory is None:  # enough for every slot at full context
             per_seq = CacheLayout.from_config(cfg, cache.block_size).blocks_needed(self.max_model_len)
             num_blocks = scheduler.max_num_seqs * per_seq
+        snapshots = (cache.prefix_snapshots or 4 * scheduler.max_num_seqs) if cache.enable_prefix_caching else 0
         self.kv = PagedKVCache(cfg, num_blocks=num_blocks, memory_bytes=memory, block_size=cache.block_size,
-                               max_num_seqs=scheduler.max_num_seqs, dtype=model.dtype, device=model.device)
-        self.scheduler = Scheduler(self.kv.manager, scheduler)
+                               max_num_seqs=scheduler.max_num_seqs, dtype=model.dtype, device=model.device,
+                               num_snapshots=snapshots)
+        self.prefix = PrefixCache(self.kv.manager, cache.prefix_block_tokens, snapshots) if snapshots else None
+        self.scheduler = Scheduler(self.kv.manager, scheduler, self.prefix)
         eos = cfg.eos_token_id
         self._eos = frozenset([eos] if isinstance(eos, int) else eos or [])
         self._requests: dict[str, _Request] = {}
@@ -172,6 +185,7 @@ class Engine:
         adjust its logits before each sample (see `LogitsProcessor`)."""
         params = params or RequestParams()
         seq = self.check_request(request_id, prompt_token_ids, params)
+        seq.use_prefix_cache = params.prompt_logprobs is None  # prompt logprobs need every position computed
         self.scheduler.add(seq)
         sampling = params.sampling()
         self._requests[request_id] = _Request(seq, params, sampling, sampling.generator(self.model.device),
@@ -195,7 +209,9 @@ class Engine:
 
     def stats(self) -> EngineStats:
         s = self.scheduler
-        return EngineStats(len(s.running), len(s.waiting), self.kv.usage(), s.num_preemptions)
+        p = self.prefix
+        return EngineStats(len(s.running), len(s.waiting), self.kv.usage(), s.num_preemptions,
+                           p.queries if p else 0, p.hits if p else 0)
 
     # -- the step -----------------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -207,6 +223,7 @@ class Engine:
         if not plan.chunks:
             return []
         sampled = self._run(plan)
+        self._remember_prefixes(plan)
         outputs = self._postprocess(plan, sampled)
         self.clock.steps += 1
         self.clock.total_s += time.perf_counter() - started
@@ -217,8 +234,10 @@ class Engine:
         caches = []
         for chunk in plan.chunks:
             req = self._requests[chunk.seq.request_id]
-            if chunk.start == 0:
+            if chunk.start == 0 or req.cache is None:
                 req.cache = self.kv.new_sequence(chunk.seq.request_id)
+            if chunk.seq.request_id in plan.prefix_hits:
+                self.kv.restore(req.cache, *plan.prefix_hits[chunk.seq.request_id])
             caches.append(req.cache)
         started = time.perf_counter()
         hidden = self.model_step([c.token_ids for c in plan.chunks], caches)  # [N, D]
@@ -248,6 +267,18 @@ class Engine:
                 got = got + prompt_logprobs(logits, req.seq.prompt_token_ids[p + 1:q + 1], k)
             req.prompt_lp = got
 
+    def _remember_prefixes(self, plan: SchedulerOutput) -> None:
+        """Cache the state of every sequence whose chunk ended on a prefix boundary (before finished ones free it)."""
+        if self.prefix is None:
+            return
+        for chunk in plan.chunks:
+            seq, end = chunk.seq, chunk.start + len(chunk.token_ids)
+            if end % self.prefix.block_tokens or not seq.use_prefix_cache or seq.finish_reason is not None:
+                continue
+            entry = self.prefix.register(seq.tokens(0, end), seq.request_id)
+            if entry is not None:
+                self.kv.save_snapshot(self._requests[seq.request_id].cache, entry.snapshot)
+
     def _postprocess(self, plan: SchedulerOutput, sampled: dict[str, Sampled]) -> list[RequestOutput]:
         self.scheduler.update(plan, {rid: s.token for rid, s in sampled.items()})
         outputs = []
@@ -267,7 +298,7 @@ class Engine:
         prompt_lp = None if req.prompt_lp_sent else req.prompt_lp  # with the first output only
         req.prompt_lp_sent = True
         return RequestOutput(seq.request_id, tokens, seq.finish_reason, len(seq.prompt_token_ids),
-                             len(seq.output_token_ids), logprobs, prompt_lp)
+                             len(seq.output_token_ids), logprobs, prompt_lp, seq.num_cached_tokens)
 
 
 class AsyncEngine:

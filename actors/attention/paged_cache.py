@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from moemesh.actors.attention.blocks import BlockManager, CacheLayout, KVCacheUsage, OutOfBlocks
+from moemesh.actors.attention.prefix_cache import CachedPrefix
 from moemesh.kernels.config import ModelConfig
 from moemesh.kernels.decode_state import CompressorState, LayerCache, SequenceCache
 
@@ -128,6 +129,7 @@ class PagedSequenceCache(SequenceCache):
     """The model's `SequenceCache`, backed by a `PagedKVCache`; `key` names it in the block manager."""
 
     key: Hashable = None
+    slot_rows: list = field(default_factory=list)  # its `_SlotRows`, in `CacheLayout.fields` order
 
 
 class PagedKVCache:
@@ -138,7 +140,7 @@ class PagedKVCache:
 
     def __init__(self, cfg: ModelConfig, num_blocks: int | None = None, memory_bytes: int | None = None,
                  block_size: int = 16, max_num_seqs: int = 8, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", num_snapshots: int = 0):
         if (num_blocks is None) == (memory_bytes is None):
             raise ValueError("PagedKVCache: give exactly one of num_blocks and memory_bytes")
         if max_num_seqs < 1:
@@ -159,6 +161,8 @@ class PagedKVCache:
         with torch.inference_mode(False):  # normal tensors: writable inside and outside inference mode
             self._blocks = torch.zeros(num_blocks, layout.block_elems, dtype=dtype, device=self.device)  # [B, E]
             self._slots = torch.zeros(max_num_seqs, layout.slot_elems, dtype=dtype, device=self.device)  # [S, E]
+            self._snapshots = torch.zeros(num_snapshots, layout.slot_elems, dtype=dtype, device=self.device)
+        self._snapshot_meta: dict[int, tuple[list, list]] = {}  # id -> (fields' row counts, layers' engram_conv)
         self._pools = {}  # width -> [B, R, W] view of the block storage
         for s in layout.stores:
             if s.width not in self._pools:
@@ -206,7 +210,37 @@ class PagedKVCache:
         layers = [PagedLayerCache(fields[(layer, "layer")], states.get((layer, "compressor")),
                                   states.get((layer, "indexer")))
                   for layer in range(self.config.num_hidden_layers)]
-        return PagedSequenceCache(layers=layers, key=key)
+        slot_rows = [fields[(f.layer, f.owner)][f.name] for f in self.layout.fields]
+        return PagedSequenceCache(layers=layers, key=key, slot_rows=slot_rows)
+
+    # -- prefix caching -----------------------------------------------------------------------------------------------
+    def save_snapshot(self, seq: PagedSequenceCache, snapshot: int) -> None:
+        """Copy `seq`'s state slot (and any state outside it) into snapshot `snapshot`."""
+        self._snapshots[snapshot].copy_(self._slots[self.manager.slot(seq.key)])
+        self._snapshot_meta[snapshot] = ([r._n for r in seq.slot_rows],
+                                         [None if l.engram_conv is None else l.engram_conv.clone() for l in seq.layers])
+
+    def restore(self, seq: PagedSequenceCache, prefix: CachedPrefix, copies: list[tuple[int, int]]) -> None:
+        """Make a fresh `seq` (whose block tables already start with the prefix's blocks) continue after `prefix`:
+        copy the partly filled blocks it got private copies of (`copies`: (source, destination) block ids), its
+        rows counts, the snapshot into its slot."""
+        if copies:
+            src, dst = zip(*copies)
+            self._blocks[list(dst)] = self._blocks[list(src)]
+        n = prefix.num_tokens
+        for s, layer_cache in zip(self.layout.stores, self._stores_of(seq)):
+            layer_cache.entries.n = s.rows(n)
+        self._slots[self.manager.slot(seq.key)].copy_(self._snapshots[prefix.snapshot])
+        counts, convs = self._snapshot_meta[prefix.snapshot]
+        for rows, count in zip(seq.slot_rows, counts):
+            rows._n = count
+        for layer_cache, conv in zip(seq.layers, convs):
+            layer_cache.engram_conv = None if conv is None else conv.clone()
+        seq.length, seq.token_ids = n, list(prefix.tokens)
+
+    def _stores_of(self, seq: PagedSequenceCache) -> list[CompressorState]:
+        """The compressor states of `seq`, in `layout.stores` order."""
+        return [getattr(seq.layers[s.layer], "compressor" if s.kind == "kv" else "indexer") for s in self.layout.stores]
 
     def free(self, seq: PagedSequenceCache | Hashable) -> None:
         """Return every block and the slot of a sequence (its cache object must not be stepped again)."""

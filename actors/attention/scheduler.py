@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from moemesh.actors.attention.blocks import BlockManager
+from moemesh.actors.attention.blocks import BlockManager, OutOfBlocks
+from moemesh.actors.attention.prefix_cache import CachedPrefix, PrefixCache
 from moemesh.actors.attention.sequence import Sequence, SequenceStatus
 from moemesh.actors.request import FinishReason
 
@@ -33,18 +34,18 @@ class SchedulerConfig(BaseModel):
 
     max_num_seqs: int = Field(8, ge=1, description="Most sequences running at once (= KV state slots).")
     max_num_batched_tokens: int | None = Field(
-        None, ge=1, description="Most tokens fed in one step (decode tokens + prefill); None = no limit. The first "
-                                "chunk of a step is always taken, so a long prompt is never starved.")
+        2048, ge=1, description="Most tokens fed in one step (decode tokens + prefill chunks); None = no limit. The "
+                                "first chunk of a step is always taken, so a long prompt is never starved.")
     chunked_prefill: bool = Field(
-        False, description="Split prompts to fill the token budget. Off by default: the CSA indexer's top-k breaks "
-                           "exact ties depending on chunking, so chunked prefill may differ (equally validly) from an "
-                           "unchunked reference.")
+        True, description="Split prompts to fill the token budget, so a long prompt never stalls running decodes "
+                          "for more than one budget's worth of tokens per step. Exact: chunked and whole prefill "
+                          "give the same tokens (the CSA indexer breaks score ties by entry index, not pool size).")
     watermark: float = Field(0.01, ge=0, lt=1, description="Share of the blocks kept free when admitting while "
                                                            "others run, so running sequences can grow.")
     exact_recompute: bool = Field(
         True, description="After a preemption, feed the sequence's recorded chunks again (prompt, then one token per "
                           "step): bit-exact continuation. False: one prefill of prompt + generated tokens (fewer "
-                          "steps; may pick other equally-scored indexer entries).")
+                          "steps; the same selections, float rounding may differ in the last bits).")
 
 
 @dataclass
@@ -66,6 +67,8 @@ class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
     admitted: list[Sequence] = field(default_factory=list)
+    prefix_hits: dict[str, tuple[CachedPrefix, list[tuple[int, int]]]] = field(default_factory=dict)
+    # request_id -> (the cached prefix it starts from, block copies to make first): restore before the step
 
     @property
     def num_tokens(self) -> int:
@@ -75,12 +78,13 @@ class SchedulerOutput:
 class Scheduler:
     """FIFO admission, continuous batching and preemption by recompute over a `BlockManager`."""
 
-    def __init__(self, blocks: BlockManager, config: SchedulerConfig | None = None):
+    def __init__(self, blocks: BlockManager, config: SchedulerConfig | None = None,
+                 prefix: PrefixCache | None = None):
         self.config = config or SchedulerConfig()
         if blocks.num_slots < self.config.max_num_seqs:
             raise ValueError(f"max_num_seqs: {self.config.max_num_seqs} exceeds the cache's {blocks.num_slots} "
                              "state slots")
-        self.blocks = blocks
+        self.blocks, self.prefix = blocks, prefix
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order: the last is the first to be preempted
         self._requests: dict[str, Sequence] = {}
@@ -165,22 +169,55 @@ class Scheduler:
     def _admit_waiting(self, out: SchedulerOutput, budget: float) -> None:
         while self.waiting and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            if not self.blocks.num_free_slots:
+                break
+            self.blocks.admit(seq.request_id)
+            hit = self._start_from_prefix(seq)
             k = self._chunk_size(seq, budget, out)
             reserve = self._watermark if self.running else 0
-            if k == 0 or not self.blocks.can_allocate(seq.request_id, k, reserve):
+            if hit is False or k == 0 or not self.blocks.can_allocate(seq.request_id, seq.num_computed + k, reserve):
+                self.blocks.free(seq.request_id)
+                seq.num_computed = seq.num_cached_tokens = 0
                 break  # FIFO: nobody overtakes the head
+            if hit:
+                out.prefix_hits[seq.request_id] = hit
+                seq.chunks.append(seq.num_computed)  # a recompute replays the cached part as one chunk
+                seq.num_fed_chunks += 1
+                self.prefix.queries += len(seq.prompt_token_ids)
+                self.prefix.hits += seq.num_computed
+            elif self.prefix is not None and seq.use_prefix_cache and not seq.replaying:
+                self.prefix.queries += len(seq.prompt_token_ids)
             self.waiting.popleft()
-            self.blocks.admit(seq.request_id)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.admitted.append(seq)
             self._take(seq, k, out)
             budget -= k
 
+    def _start_from_prefix(self, seq: Sequence):
+        """For an admitted `seq` with nothing computed: adopt the longest cached prefix of its tokens -> (prefix,
+        block copies), None when there is none to use, False when no block was left for the copies."""
+        if self.prefix is None or not seq.use_prefix_cache or seq.replaying or seq.num_computed:
+            return None
+        entry = self.prefix.match(seq.token_ids)
+        if entry is None:
+            return None
+        try:
+            copies = self.prefix.adopt(seq.request_id, entry)
+        except OutOfBlocks:
+            return False
+        seq.num_computed = seq.num_cached_tokens = entry.num_tokens
+        return entry, copies
+
     def _chunk_size(self, seq: Sequence, budget: float, out: SchedulerOutput) -> int:
         """The chunk `seq` would feed now, or 0 if it does not fit the remaining token budget (the first chunk of a
-        step always fits)."""
+        step always fits). With a prefix cache, a chunk crossing a prefix boundary ends at the last one it crosses,
+        so the state there can be cached."""
         k = seq.next_chunk(None if math.isinf(budget) else int(budget), self.config.chunked_prefill)
+        if self.prefix is not None and not seq.replaying and seq.use_prefix_cache:
+            g, start = self.prefix.block_tokens, seq.num_computed
+            aligned = (start + k) // g * g
+            k = aligned - start if start < aligned < start + k else k
         return k if k <= budget or not out.chunks else 0
 
     def _take(self, seq: Sequence, k: int, out: SchedulerOutput) -> None:

@@ -23,8 +23,8 @@ class Sequence:
     """One request's tokens and progress.
 
     `chunks` records how the tokens were fed (prompt, or its prefill chunks, then one token per step). After a
-    preemption the cache is rebuilt by feeding the same chunks again: the CSA indexer's top-k breaks exact score ties
-    depending on how many entries the pool holds when a query runs, so only the same chunking gives the same state.
+    preemption the cache is rebuilt by feeding the same chunks again: other chunkings select the same indexer
+    entries (ties go to the lower index), but float sums of differently shaped steps may differ in the last bits.
     """
 
     request_id: str
@@ -38,6 +38,8 @@ class Sequence:
     num_fed_chunks: int = 0  # how many of `chunks` the current cache has seen
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
+    use_prefix_cache: bool = True  # False: compute every prompt token (e.g. prompt logprobs need each position)
+    num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache at (the last) admission
 
     @property
     def token_ids(self) -> list[int]:

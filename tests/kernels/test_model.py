@@ -43,9 +43,8 @@ def _ids(n: int, seed: int, vocab: int) -> torch.Tensor:
 
 
 def _all_entries(model: DeepseekV4) -> DeepseekV4:
-    """The same weights with the CSA indexer keeping every entry. Exact ties among indexer scores (relu makes score
-    0 common in a 2-head tiny indexer) are broken the way torch.topk breaks them, which depends on the pool size, as
-    in the reference; with no selection, chunking cannot matter, so this isolates the cache from that choice."""
+    """The same weights with the CSA indexer keeping every entry: isolates the cache from the indexer's choice
+    (test_chunk_invariance.py checks that the choice itself does not depend on chunking)."""
     cfg = model.config.model_copy(update={"index_topk": 10**6})
     other = DeepseekV4(cfg, engram_hasher=model.engram_hasher)
     other.load_state_dict(model.state_dict())

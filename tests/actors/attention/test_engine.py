@@ -58,6 +58,8 @@ def _run(engine: Engine, requests: dict[str, tuple[list[int], RequestParams]], e
             got[out.request_id] = (tokens + out.new_token_ids, out.finish_reason, step)
         step += 1
         engine.kv.manager.check()
+    if engine.prefix is not None:
+        engine.prefix.clear()  # cached prefixes hold blocks until evicted
     assert engine.kv.usage().used_blocks == 0 and engine.kv.usage().used_slots == 0
     return got
 
@@ -75,7 +77,7 @@ def test_greedy_batches_give_exactly_generate_alone(model, prompts, reference, e
 
 
 def test_preemption_by_recompute_keeps_the_outputs_exact(model, prompts, reference):
-    engine = Engine(model, cache=CacheConfig(block_size=4, num_blocks=50), scheduler=SchedulerConfig(max_num_seqs=6))
+    engine = Engine(model, cache=CacheConfig(block_size=4, num_blocks=50, enable_prefix_caching=False), scheduler=SchedulerConfig(max_num_seqs=6))
     got = _run(engine, _greedy(prompts))
     assert engine.scheduler.num_preemptions > 0
     for i, want in enumerate(reference):
@@ -92,9 +94,18 @@ def test_chunked_prefill_keeps_every_step_within_the_token_budget(model, prompts
     engine = Engine(model, model_step=step,
                     scheduler=SchedulerConfig(max_num_batched_tokens=32, chunked_prefill=True))
     got = _run(engine, _greedy(prompts))
-    assert max(sizes) == 32 and all(got[f"r{i}"][1] in ("stop", "length") for i in range(6))
-    # prompts shorter than a chunk are fed whole, as in generate (longer ones may pick other tied indexer entries)
-    assert got["r0"][0] == reference[0] and got["r1"][0] == reference[1]
+    assert max(sizes) == 32
+    for i, want in enumerate(reference):  # chunked prompts give the tokens of generate's one whole prefill
+        assert got[f"r{i}"][0] == want, f"prompt of {LENGTHS[i]} tokens"
+
+
+def test_recompute_in_one_prefill_keeps_the_outputs_exact(model, prompts, reference):
+    engine = Engine(model, cache=CacheConfig(block_size=4, num_blocks=50, enable_prefix_caching=False),
+                    scheduler=SchedulerConfig(max_num_seqs=6, exact_recompute=False))
+    got = _run(engine, _greedy(prompts))
+    assert engine.scheduler.num_preemptions > 0
+    for i, want in enumerate(reference):
+        assert got[f"r{i}"][0] == want, f"prompt of {LENGTHS[i]} tokens"
 
 
 def test_a_short_request_added_after_a_long_one_finishes_first(model, prompts):
@@ -120,7 +131,7 @@ def test_seeded_sampling_is_the_same_alone_in_a_batch_and_in_generate(model, pro
 
 
 def test_abort_frees_the_blocks(model, prompts):
-    engine = Engine(model, cache=CacheConfig(block_size=4))
+    engine = Engine(model, cache=CacheConfig(block_size=4, enable_prefix_caching=False))  # cached prefixes hold some
     engine.add_request("a", prompts[4], RequestParams(max_tokens=20))
     engine.add_request("b", prompts[5], RequestParams(max_tokens=20))
     engine.step()
@@ -215,5 +226,40 @@ def test_async_generate_streams_and_frees_on_disconnect(model, prompts, referenc
     assert outs[-1].finish_reason in ("stop", "length") and all(o.finish_reason is None for o in outs[:-1])
     assert outs[-1].completion_tokens == len(reference[2]) and outs[-1].prompt_tokens == LENGTHS[2]
     assert len(gone_outs) == 2 and not engine.has_unfinished()
+    if engine.prefix is not None:
+        engine.prefix.clear()  # cached prefixes hold blocks until evicted
     assert engine.kv.usage().used_blocks == 0 and engine.kv.usage().used_slots == 0
     assert ticks > len(outs)  # the event loop kept running while model steps ran in a thread
+
+
+@pytest.mark.parametrize("seed", [None, 7], ids=["greedy", "seeded"])
+def test_prefix_cache_hits_give_the_outputs_of_a_cold_cache(model, prompts, seed):
+    """Later requests extend earlier ones (multi-turn) or share their start: with the cache they reuse its states
+    (cached_tokens > 0, partly filled blocks and open compressor windows included) and give the same tokens."""
+    base = prompts[-1]  # 200 tokens
+    V = model.config.vocab_size
+    tail = torch.randint(3, V, (37,), generator=torch.Generator().manual_seed(99)).tolist()
+    turns = [base[:70], base[:150] + tail, base + tail[:5], base[:70] + tail]
+    params = RequestParams(max_tokens=NEW, temperature=0.0 if seed is None else 0.8, seed=seed, ignore_eos=True)
+    results = {}
+    for on in (False, True):
+        engine = Engine(model, cache=CacheConfig(block_size=4, enable_prefix_caching=on, prefix_block_tokens=16),
+                        scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=48))
+        got, cached = [], []
+        for i, p in enumerate(turns):  # one after another, as turns of a conversation arrive
+            engine.add_request(f"t{i}", p, params)
+            tokens, n = [], 0
+            while engine.has_unfinished():
+                for out in engine.step():
+                    tokens += out.new_token_ids
+                    n = out.cached_tokens
+                engine.kv.manager.check()
+            got.append(tokens)
+            cached.append(n)
+        results[on] = got
+        if on:
+            assert cached[0] == 0 and all(c > 0 for c in cached[1:]), cached
+            assert engine.stats().prefix_cache_hits == sum(cached)
+            engine.prefix.clear()
+            assert engine.kv.usage().used_blocks == 0
+    assert results[True] == results[False]

@@ -74,7 +74,7 @@ def test_watermark_keeps_room_for_running_sequences_but_not_for_a_lone_one():
 
 
 def test_token_budget_limits_prefill_and_the_first_chunk_always_goes():
-    s = _sched(100, max_num_batched_tokens=8)
+    s = _sched(100, max_num_batched_tokens=8, chunked_prefill=False)
     s.add(_seq("a", 6))
     s.add(_seq("b", 6))
     out, _ = _step(s)
