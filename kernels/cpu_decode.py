@@ -52,16 +52,20 @@ if numba is not None:
     @numba.njit(cache=True, nogil=True)
     def _fp4(codes, scale, table, out, group):  # pragma: no cover - compiled
         rows, half = codes.shape
+        per = group // 2  # bytes per scale group
         for r in range(rows):
-            for i in range(half):
-                b = codes[r, i]
-                s = scale[r, (2 * i) // group]
-                out[r, 2 * i] = table[b & 15] * s
-                out[r, 2 * i + 1] = table[b >> 4] * s
+            for g in range((half + per - 1) // per):
+                s = scale[r, g]
+                for i in range(g * per, min(half, g * per + per)):
+                    b = codes[r, i]
+                    out[r, 2 * i] = table[b & 15] * s
+                    out[r, 2 * i + 1] = table[b >> 4] * s
 
     @numba.njit(cache=True, nogil=True)
     def _fp8(codes, scale, table, out, block):  # pragma: no cover - compiled
         rows, cols = codes.shape
         for r in range(rows):
-            for c in range(cols):
-                out[r, c] = table[codes[r, c]] * scale[r // block, c // block]
+            for g in range((cols + block - 1) // block):
+                s = scale[r // block, g]
+                for c in range(g * block, min(cols, g * block + block)):
+                    out[r, c] = table[codes[r, c]] * s
