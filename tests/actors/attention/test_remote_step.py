@@ -112,37 +112,22 @@ def test_split_micro_batches_keeps_sequences_whole_contiguous_and_balanced():
             assert len(groups) == min(parts, len(lengths)) and all(len(g) for g in groups)
 
 
-def _engine_outputs(model, step_fn, prompts, max_tokens) -> dict[str, list[int]]:
-    from moemesh.actors.attention.engine import CacheConfig, Engine
-    from moemesh.actors.attention.scheduler import SchedulerConfig
-    from moemesh.actors.request import RequestParams
-
-    engine = Engine(model, CacheConfig(block_size=4), SchedulerConfig(max_num_seqs=8), model_step=step_fn)
-    got: dict[str, list[int]] = {}
-    for i, p in enumerate(prompts):
-        engine.add_request(f"r{i}", p, RequestParams(max_tokens=max_tokens, ignore_eos=True))
-    while engine.has_unfinished():
-        for out in engine.step():
-            got.setdefault(out.request_id, []).extend(out.new_token_ids)
-    return got
-
-
 @pytest.mark.parametrize("micro_batches", [1, 2, 3])
-def test_micro_batches_give_the_monolithic_engines_greedy_tokens(setup, micro_batches):
+def test_micro_batches_give_the_monolithic_engines_greedy_tokens(setup, micro_batches, greedy_outputs):
     """Continuous batching with prefills and decodes in one step: the served step split into 1, 2 or 3 micro-batches
     gives token for token what the single-process engine gives."""
     full, worker_model, assignment, shards = setup
     V = full.config.vocab_size
     prompts = [torch.randint(3, V, (n,), generator=torch.Generator().manual_seed(n)).tolist()
                for n in (1, 5, 33, 64, 7, 120)]
-    want = _engine_outputs(full, None, prompts, 12)
+    want = greedy_outputs(full, None, prompts, 12)
     io, times = IoLoop(), []
     try:
         dispatcher = Dispatcher(InProcessTransport(dict(enumerate(shards))),
                                 ExpertMap.from_assignment(assignment, n_experts=16))
         step = RemoteStep(worker_model, dispatcher, lambda h: _local_rows(full, h), io, micro_batches=micro_batches,
                           on_step=times.append)
-        assert _engine_outputs(worker_model, step, prompts, 12) == want
+        assert greedy_outputs(worker_model, step, prompts, 12) == want
     finally:
         io.close()
     assert max(t.micro_batches for t in times) == micro_batches
