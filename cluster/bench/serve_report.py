@@ -110,7 +110,8 @@ def as_json(runs: list[Run], engram: dict | None, shards: list[dict], machine: s
 
 def markdown(runs: list[Run], engram: dict | None, shards: list[dict], machine: str, command: str,
              load: str) -> str:
-    lines = ["## Serving (`moemesh bench serve`)", "", f"Command: `{command}`  ", f"Machine: {machine}  ",
+    model = runs[0].model if runs else "?"
+    lines = [f"## Serving {model} (`moemesh bench serve`)", "", f"Command: `{command}`  ", f"Machine: {machine}  ",
              f"Load: {load}", "", "Breakdown columns: mean ms per step (compute = attention, norms, mHC, router and "
              "shared expert on the attention worker; the monolithic engine's compute includes its experts; expert "
              "compute = the shards' busy time per worker step, overlapped with the rest).", "", TABLE_HEAD]

@@ -41,5 +41,5 @@ def test_json_has_every_field_the_issue_names_and_the_ratios_compare_in_one_run(
     assert ratios(runs) == ["c=8, 1 micro-batch(es): served 0.50x monolithic",
                             "c=8, 2 micro-batch(es): served 0.75x monolithic", "c=8: 2 micro-batches 1.50x 1 micro-batch"]
     text = markdown(runs, engram, shards, "m", "moemesh bench serve", "load")
-    assert text.startswith("## Serving (`moemesh bench serve`)\n") and "| expert-shard-0 | 1.0 | 3.0 | 2.0 | 0.92 |" in text
+    assert text.startswith("## Serving tiny (`moemesh bench serve`)\n") and "| expert-shard-0 | 1.0 | 3.0 | 2.0 | 0.92 |" in text
     assert "waiting for rows 0.10 ms (1.0%)" in text
