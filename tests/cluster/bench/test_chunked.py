@@ -1,0 +1,15 @@
+"""`moemesh bench chunked` on a small case: chunking spreads the long prompt over steps, with the running streams
+getting a token at each, and changes no token (the timings themselves are the benchmark's, not asserted here)."""
+
+import moemesh
+from moemesh.cluster.bench.chunked import measure
+
+
+def test_chunking_shortens_the_longest_decode_gap_and_keeps_the_tokens(tiny_model_dir):
+    model = moemesh.load_model(tiny_model_dir)
+    whole = measure(model, False, None, streams=2, decode_tokens=12, long_len=600, arrive_at=3)
+    chunked = measure(model, True, 64, streams=2, decode_tokens=12, long_len=600, arrive_at=3)
+    assert whole.tokens == chunked.tokens and len(whole.tokens["long"]) == 1
+    assert len(chunked.tpot_ms) == len(whole.tpot_ms) > 0
+    assert whole.long_steps == 1  # the whole prefill in one step, which every running stream waits for
+    assert chunked.long_steps >= 600 // 64  # spread over budget-sized steps (the decode tokens go first)
