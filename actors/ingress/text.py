@@ -53,19 +53,20 @@ class TextCodec:
         """A completion prompt, with the tokenizer's special tokens (e.g. a leading BOS)."""
         return self.tokenizer.encode(text).ids
 
-    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
-        """The prompt text of a conversation, ending with the assistant's turn. Raises `OpenAIError` 400 when the
-        template rejects the conversation (templates call `raise_exception`, e.g. for non-alternating roles)."""
+    def render_chat(self, messages: Sequence[ChatMessage], tools: list[dict] | None = None) -> str:
+        """The prompt text of a conversation, ending with the assistant's turn; `tools` (OpenAI tool objects) as
+        transformers passes them. Raises `OpenAIError` 400 when the template rejects the conversation (templates
+        call `raise_exception`, e.g. for non-alternating roles)."""
         from jinja2 import TemplateError
 
         try:
             return self._template.render(messages=[m.model_dump() for m in messages], add_generation_prompt=True,
-                                         bos_token=self.bos_token, eos_token=self.eos_token, tools=None)
+                                         bos_token=self.bos_token, eos_token=self.eos_token, tools=tools or None)
         except TemplateError as e:
             raise bad_request(f"messages: the chat template rejected the conversation: {e}", "messages") from None
 
-    def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
-        return self.tokenizer.encode(self.render_chat(messages), add_special_tokens=False).ids
+    def encode_chat(self, messages: Sequence[ChatMessage], tools: list[dict] | None = None) -> list[int]:
+        return self.tokenizer.encode(self.render_chat(messages, tools), add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
