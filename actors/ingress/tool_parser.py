@@ -126,11 +126,13 @@ class ToolCallParser:
             deltas.append({"index": len(self.shown_calls) - 1, "function": {"arguments": piece}})
 
     def _malformed(self, content: list[str]) -> bool:
-        """Not markup after all: what was taken for it is content; scanning goes on after the marker that began it
-        (the first character of the held text goes out as content so the same marker is not found again)."""
+        """Not markup after all: what was taken for it is content, and scanning goes on from there. Markup held since
+        the last committed call goes out from its first character (so its marker is not found again); right after a
+        call, the block just ends there."""
         held = self._raw + self._buf
-        content.append(held[:1])
-        self._buf, self._raw, self._state = held[1:], "", _TEXT
+        skip = 1 if self._raw else 0
+        content.append(held[:skip])
+        self._buf, self._raw, self._state = held[skip:], "", _TEXT
         return True
 
 

@@ -50,6 +50,9 @@ def test_whole_answer():
     assert whole(TWO_CALLS) == ("Sure. ", [("get_weather", '{"city": "Paris"}'), ("add", '{"a": 1, "b": 2}')])
     assert whole("no calls here") == ("no calls here", [])
     assert whole(TWO_CALLS + " after") == ("Sure.  after", whole(TWO_CALLS)[1])
+    # a block left open, then another: the first ends at its last call, the second is parsed too
+    assert whole(CALLS_BEGIN + call("add", "{}") + " x " + CALLS_BEGIN + call("add", "[]") + CALLS_END) == \
+        (" x ", [("add", "{}"), ("add", "[]")])
     _, calls = parse_tool_calls(TWO_CALLS, NAMES)
     assert calls[0].openai() == {"id": calls[0].id, "type": "function",
                                  "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
