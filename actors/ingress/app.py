@@ -254,7 +254,8 @@ class Ingress:
                 index = p * req.n + j
                 buffer = None if logprobs is None else LogprobsBuffer(self.codec.token_piece,
                                                                       "chat" if chat else "completion")
-                choices.append(Choice(index, f"{request_id}-{index}", ids, params, self.codec.decoder(),
+                choices.append(Choice(index, f"{request_id}-{index}", ids, params,
+                                      self.codec.decoder(tool_markup=bool(tools.names)),
                                       StopCutter(req.stop), echo, logprobs=buffer, echo_only=max_tokens == 0))
         return choices, prompt_tokens
 

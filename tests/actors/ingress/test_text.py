@@ -85,6 +85,22 @@ def test_tiny_template_renders_tools_calls_and_results(codec):
     assert codec.decode([vocab["<｜Assistant｜>"], vocab["<｜tool▁sep｜>"]]) == "<｜tool▁sep｜>"
 
 
+def test_tool_markup_survives_decoding_where_it_is_special(codec, tiny_model_dir, tmp_path):
+    """A released checkpoint marks the tool-call tokens special; a decoder for a request with tools keeps their text
+    (for the tool parser) and still hides the other special tokens."""
+    tok = json.loads((tiny_model_dir / "tokenizer.json").read_text())
+    for entry in tok["added_tokens"]:
+        entry["special"] = True
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tok))
+    released = TextCodec.from_checkpoint(tmp_path)
+    text = "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>f<｜tool▁sep｜>{}<｜tool▁call▁end｜><｜tool▁calls▁end｜>"
+    ids = [0, *released.tokenizer.encode("<｜Assistant｜>" + text, add_special_tokens=False).ids, 1]  # bos, eos
+    for c, expect_plain in ((codec, text), (released, "f{}")):
+        plain, keep = c.decoder(), c.decoder(tool_markup=True)
+        assert "".join(plain.push([t]) for t in ids) + plain.flush() == expect_plain
+        assert "".join(keep.push([t]) for t in ids) + keep.flush() == text
+
+
 def test_named_and_rejecting_templates(tiny_model_dir, tmp_path):
     strict = ("{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
               "{{ m.content | tojson }}{% endfor %}")
