@@ -1,5 +1,6 @@
 """Structured output on the attention worker: a request's `StructuredOutput` -> a grammar (xgrammar) whose token mask
-the sampler applies to the step's logits as one batched op.
+the sampler applies to the step's logits as one batched op. Kinds: any JSON object, a JSON schema, and forced tool
+calls (the chat format's call markup around arguments valid against each function's schema).
 
 Why xgrammar (measured on the tiny model's tokenizer, one 48-token JSON answer to a 3-property schema, CPU;
 docs/api.md "Structured output"): compile 3 ms and 18 us per token (mask + accept) against llguidance's 50 ms and
