@@ -166,3 +166,22 @@ def test_plan():
         with pytest.raises(OpenAIError) as e:
             plan(tools=bad)
         assert e.value.status == 400 and e.value.param == "tools"
+
+
+def test_each_choice_parses_its_own_calls(api):
+    """n=2, streamed: the chunks of two choices interleave; each choice's deltas rebuild its own valid call."""
+    calls: dict[int, dict[int, list]] = {0: {}, 1: {}}
+    finish = {}
+    for chunk in api.chat.completions.create(model=MODEL, messages=USER, tools=TOOLS, tool_choice="required", n=2,
+                                             parallel_tool_calls=False, max_tokens=400, temperature=1.0, seed=5,
+                                             stream=True):
+        for choice in chunk.choices:
+            assert not choice.delta.content
+            for d in choice.delta.tool_calls or []:
+                call = calls[choice.index].setdefault(d.index, [d.function.name, ""])
+                call[1] += d.function.arguments or ""
+            finish[choice.index] = choice.finish_reason or finish.get(choice.index)
+    assert finish == {0: "tool_calls", 1: "tool_calls"}
+    for index in (0, 1):
+        (name, arguments), = calls[index].values()
+        jsonschema.validate(json.loads(arguments), SCHEMAS[name])
