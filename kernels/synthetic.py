@@ -21,13 +21,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from moemesh.kernels.chat_format import CHAT_TEMPLATE, ROLE_TOKENS, TOOL_TOKENS
 from moemesh.kernels.checkpoint import CheckpointError, save_checkpoint
 from moemesh.kernels.config import ModelConfig
 from moemesh.kernels.weights import tensor_shapes
 
 DATA_DIR = Path(__file__).parent / "data"
 SPECIAL_TOKENS = ("<bos>", "<eos>", "<pad>")  # ids 0, 1, 2
-TOKENIZER_VOCAB = 512
+TOKENIZER_VOCAB = 512  # in all: trained tokens, then the chat format's
 SEED = 0
 DTYPES = ("v4", "float32", "bfloat16")  # v4: FP8/FP4 as released; the others: every float tensor unquantized
 _CHUNK_ELEMENTS = 1 << 24  # a tensor larger than this is drawn in row chunks of about this many elements
@@ -58,18 +59,23 @@ def corpus() -> list[str]:
 
 def train_tokenizer(vocab_size: int = TOKENIZER_VOCAB):
     """A byte-level BPE (`tokenizers.Tokenizer`) trained on `corpus()`; <bos>, <eos>, <pad> are ids 0, 1, 2 and
-    encoding prepends <bos>. Deterministic: same corpus, same tokenizer.json."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    encoding prepends <bos>. The chat format's tokens (kernels/chat_format.py) are the last ones of `vocab_size`:
+    role markers as special tokens, tool-call markup as added tokens that decode to their text. Deterministic: same
+    corpus, same tokenizer.json."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=list(SPECIAL_TOKENS),
+    trained = vocab_size - len(ROLE_TOKENS) - len(TOOL_TOKENS)
+    trainer = trainers.BpeTrainer(vocab_size=trained, min_frequency=2, special_tokens=list(SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(corpus(), trainer)
     bos = SPECIAL_TOKENS[0]
     tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
                                                        special_tokens=[(bos, 0)])
+    tok.add_special_tokens(list(ROLE_TOKENS))
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TOOL_TOKENS])
     return tok
 
 
@@ -80,9 +86,7 @@ def tokenizer_config(max_length: int) -> dict:
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos, "pad_token": pad,
         "add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False,
         "model_max_length": max_length,
-        "chat_template": ("{{ bos_token }}"
-                          "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n\n{% endfor %}"
-                          "{% if add_generation_prompt %}Assistant:{% endif %}"),
+        "chat_template": CHAT_TEMPLATE,
     }
 
 

@@ -1,5 +1,6 @@
 """Structured output on the attention worker: a request's `StructuredOutput` -> a grammar (xgrammar) whose token mask
-the sampler applies to the step's logits as one batched op.
+the sampler applies to the step's logits as one batched op. Kinds: any JSON object, a JSON schema, and forced tool
+calls (the chat format's call markup around arguments valid against each function's schema).
 
 Why xgrammar (measured on the tiny model's tokenizer, one 48-token JSON answer to a 3-property schema, CPU;
 docs/api.md "Structured output"): compile 3 ms and 18 us per token (mask + accept) against llguidance's 50 ms and
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 
 from moemesh.actors.request import StructuredOutput
+from moemesh.kernels.chat_format import CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, TOOL_SEP
 
 GRAMMAR_CACHE = 256  # compiled grammars kept per worker (least recently used go first)
 
@@ -70,7 +72,7 @@ class GrammarCompiler:
             return Grammar.from_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
         if spec.kind == "json_schema":
             return json_grammar(self._xgr, spec.json_schema or "{}")
-        raise ValueError("tool_choice: grammar-enforced tool calls are not implemented yet")
+        return tool_calls_grammar(self._xgr, spec)
 
     def state(self, spec: StructuredOutput) -> GrammarState:
         return GrammarState(self._xgr.GrammarMatcher(self.compile(spec)))
@@ -96,6 +98,21 @@ def json_grammar(xgr, schema: str):
     characters there, which `json.loads` rejects)."""
     ebnf = str(xgr.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=True))
     return xgr.Grammar.from_ebnf(ebnf.replace(_LOOSE_CHAR, _JSON_CHAR))
+
+
+def tool_calls_grammar(xgr, spec: StructuredOutput):
+    """Forced tool calls: the markup of kernels/chat_format.py around one call (or, with `spec.parallel`, one or
+    more) of `spec.tools`, each call's arguments the `json_grammar` of that tool's parameters. Built as an xgrammar
+    structural tag whose tags hold our JSON grammars (their rule names stay apart), so what follows `TOOL_SEP` is
+    exactly what `response_format` would force for that schema."""
+    tags = [{"type": "tag", "begin": CALL_BEGIN + tool.name + TOOL_SEP, "end": CALL_END,
+             "content": {"type": "grammar", "grammar": str(json_grammar(xgr, tool.parameters))}}
+            for tool in spec.tools]
+    calls = {"type": "tags_with_separator", "tags": tags, "separator": "", "at_least_one": True,
+             "stop_after_first": not spec.parallel}
+    markup = {"type": "sequence", "elements": [{"type": "const_string", "value": CALLS_BEGIN}, calls,
+                                               {"type": "const_string", "value": CALLS_END}]}
+    return xgr.Grammar.from_structural_tag(json.dumps({"type": "structural_tag", "format": markup}))
 
 
 class GrammarState:

@@ -153,8 +153,8 @@ class Ingress:
             req = request_cls.model_validate(parse_json_body(await _read_body(request, self.limits.max_body_bytes)))
             self._check_model(req.model)
             req.check(self.limits)
-            fmt = format_cls(self.model_name, req.include_usage)
-            choices, prompt_tokens = self._choices(req, fmt.id)
+            fmt = format_cls.for_request(self.model_name, req)
+            choices, prompt_tokens = self._choices(req, fmt)
             gen = Generation(await self.router.pick(), choices, self.limits.stream_idle_timeout_s, prompt_tokens,
                              started_at=arrival, router=self.router)
         except Exception as e:
@@ -225,8 +225,10 @@ class Ingress:
         finally:
             self._done(gen, failed)
 
-    def _choices(self, req: CompletionRequest | ChatCompletionRequest, request_id: str) -> tuple[list[Choice], int]:
+    def _choices(self, req: CompletionRequest | ChatCompletionRequest,
+                 fmt: CompletionFormat) -> tuple[list[Choice], int]:
         """The worker sequences of a request: n per prompt, choice index = prompt index * n + j, seed + j."""
+        request_id, tools = fmt.id, fmt.tools
         self._check_tokens(req.stop_token_ids, "stop_token_ids")
         bias = req.bias()
         self._check_tokens(list(bias), "logit_bias")
@@ -236,9 +238,9 @@ class Ingress:
         else:
             logprobs = req.logprobs
         prompt_logprobs = None if chat or not req.echo else req.logprobs
-        structured = response_format_output(req.response_format) if chat else None
+        structured = tools.structured or (response_format_output(req.response_format) if chat else None)
         choices, prompt_tokens = [], 0
-        for p, (ids, echo) in enumerate(self._prompts(req)):
+        for p, (ids, echo) in enumerate(self._prompts(req, tools.tools)):
             max_tokens = self._max_tokens(len(ids), req)
             prompt_tokens += len(ids)
             for j in range(req.n):
@@ -252,14 +254,16 @@ class Ingress:
                 index = p * req.n + j
                 buffer = None if logprobs is None else LogprobsBuffer(self.codec.token_piece,
                                                                       "chat" if chat else "completion")
-                choices.append(Choice(index, f"{request_id}-{index}", ids, params, self.codec.decoder(),
+                choices.append(Choice(index, f"{request_id}-{index}", ids, params,
+                                      self.codec.decoder(tool_markup=bool(tools.names)),
                                       StopCutter(req.stop), echo, logprobs=buffer, echo_only=max_tokens == 0))
         return choices, prompt_tokens
 
-    def _prompts(self, req: CompletionRequest | ChatCompletionRequest) -> list[tuple[list[int], str]]:
-        """(token ids, echo text) per prompt."""
+    def _prompts(self, req: CompletionRequest | ChatCompletionRequest,
+                 tools: list[dict] | None = None) -> list[tuple[list[int], str]]:
+        """(token ids, echo text) per prompt; `tools`: what the chat template shows."""
         if isinstance(req, ChatCompletionRequest):
-            return [(self.codec.encode_chat(req.messages), "")]
+            return [(self.codec.encode_chat(req.messages, tools), "")]
         out = []
         for prompt in req.prompt:
             if isinstance(prompt, str):

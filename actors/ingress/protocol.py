@@ -13,9 +13,8 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator, model_validator
 
-from moemesh.actors.ingress.logprobs import ChatLogprobs, CompletionLogprobs
 from moemesh.actors.request import MAX_LOGIT_BIAS, MAX_LOGPROBS, FinishReason
 
 SEED_RANGE = (0, 2**63 - 1)  # what torch generators and the engine accept
@@ -281,12 +280,37 @@ def _is_token_id(t) -> bool:
     return type(t) is int and t >= 0
 
 
+class FunctionCallIn(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    name: str = Field(min_length=1)
+    arguments: str | dict = Field("{}", description="JSON text (OpenAI's form) or an object.")
+
+
+class ToolCallIn(BaseModel):
+    """A tool call of an earlier assistant turn, rendered back into the prompt by the chat template."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessage(BaseModel):
-    """One turn. `content` is a string, null, or a list of `{"type": "text", "text": ...}` parts (joined by "\\n")."""
+    """One turn. `content` is a string, null, or a list of `{"type": "text", "text": ...}` parts (joined by "\\n").
+    An assistant turn may carry `tool_calls`; a `tool` turn is the result of the call `tool_call_id`."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str = ""
+    tool_calls: list[ToolCallIn] | None = Field(None, description="assistant: the calls it made.")
+    tool_call_id: str | None = Field(None, description="tool: the call this answers.")
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _tool_calls_of_assistant(self):
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError(f"tool_calls: only assistant messages carry tool calls, this one is {self.role!r}")
+        return self
 
     @field_validator("content", mode="before")
     @classmethod
@@ -312,7 +336,12 @@ class ChatCompletionRequest(_GenerationRequest):
     logprobs: bool = Field(False, description="Return each generated token's logprob.")
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="With logprobs: this many most "
                                      "likely tokens at each position.")
-    tools: list[dict] | None = Field(None, description="Not supported (must be empty).")
+    tools: list[dict] | None = Field(None, description="Functions the model may call ({\"type\": \"function\", "
+                                     "\"function\": {\"name\", \"description\", \"parameters\"}}); docs/api.md.")
+    tool_choice: str | dict | None = Field(None, description="\"none\", \"auto\" (default with tools), "
+                                           "\"required\" or {\"type\": \"function\", \"function\": {\"name\"}}; "
+                                           "the last two are enforced while decoding.")
+    parallel_tool_calls: bool = Field(True, description="false: at most one tool call per answer.")
     response_format: dict | None = Field(None, description="{\"type\": \"text\"}, {\"type\": \"json_object\"} or "
                                          "{\"type\": \"json_schema\", \"json_schema\": {\"name\", \"schema\", "
                                          "\"strict\"}}: enforced while decoding (docs/api.md).")
@@ -328,103 +357,25 @@ class ChatCompletionRequest(_GenerationRequest):
             raise bad_request("top_logprobs: needs logprobs: true", "top_logprobs")
         super().check(limits)
 
-    def unsupported(self) -> dict[str, Any]:
-        out = super().unsupported()
-        if self.tools:
-            out["tools"] = self.tools
-        return out
 
 
-# ---- responses -----------------------------------------------------------------------------------------------------
-class _Out(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Usage(_Out):
-    prompt_tokens: int = Field(description="Prompt tokens, counted once per prompt (not per choice).")
-    completion_tokens: int = Field(description="Generated tokens over all choices.")
-    total_tokens: int
-
-
-class CompletionChoice(_Out):
-    index: int
-    text: str
-    logprobs: CompletionLogprobs | None = None
-    finish_reason: FinishReason | None
-
-
-class CompletionResponse(_Out):
-    """A /v1/completions answer, and (with `usage` absent or null) one of its stream chunks."""
-
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
-
-
-class ChatMessageOut(_Out):
-    role: Literal["assistant"] = "assistant"
-    content: str
-
-
-class ChatChoice(_Out):
-    index: int
-    message: ChatMessageOut
-    logprobs: ChatLogprobs | None = None
-    finish_reason: FinishReason | None
-
-
-class ChatCompletionResponse(_Out):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-
-
-class ChatChunkChoice(_Out):
-    index: int
-    delta: dict[str, str] = Field(description="{'role', 'content'} on the first chunk, {'content'} after, {} last.")
-    logprobs: ChatLogprobs | None = None
-    finish_reason: FinishReason | None
-
-
-class ChatCompletionChunk(_Out):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChatChunkChoice]
-    usage: Usage | None = None
-
-
-class ErrorInfo(_Out):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(_Out):
-    """The body of every 4xx/5xx answer, and of the last SSE event of a stream that failed."""
-
-    error: ErrorInfo
-
-
-class ModelCard(_Out):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "moemesh"
-    max_model_len: int
-
-
-class ModelList(_Out):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
+from moemesh.actors.ingress.responses import (  # noqa: F401  (re-exported: the wire types live together here)
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    ChatFinishReason,
+    ChatMessageOut,
+    CompletionChoice,
+    CompletionResponse,
+    ErrorInfo,
+    ErrorResponse,
+    FunctionCallOut,
+    ModelCard,
+    ModelList,
+    ToolCallOut,
+    Usage,
+)
 
 
 def inline_schema(model: type[BaseModel]) -> dict:

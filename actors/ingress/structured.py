@@ -46,8 +46,9 @@ def response_format_output(response_format: dict | None) -> StructuredOutput | N
                                                                          "response_format"))
 
 
-def check_schema(schema: Any, where: str, param: str) -> str:
-    """A JSON schema the grammar can enforce -> its JSON text; 400 (`param`) naming the problem at `where`."""
+def check_schema(schema: Any, where: str, param: str, enforced: bool = True) -> str:
+    """A JSON schema the grammar can enforce -> its JSON text; 400 (`param`) naming the problem at `where`.
+    `enforced=False`: a schema only shown to the model (tools under tool_choice "auto"): only its validity counts."""
     import jsonschema
 
     if not isinstance(schema, dict):
@@ -60,7 +61,7 @@ def check_schema(schema: Any, where: str, param: str) -> str:
     except jsonschema.SchemaError as e:
         path = "".join(f"[{p!r}]" for p in e.absolute_path)
         raise bad_request(f"{where}{path}: not a valid JSON schema: {e.message}", param) from None
-    problem = unsupported_feature(schema)
+    problem = unsupported_feature(schema) if enforced else None
     if problem is not None:
         raise bad_request(f"{where}: unsupported JSON schema feature {problem} (structured output cannot enforce "
                           f"it; supported: {', '.join(sorted(ENFORCED))})", param)

@@ -16,6 +16,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders
 
 from moemesh.actors.ingress.protocol import ChatMessage, bad_request
+from moemesh.kernels.chat_format import TOOL_TOKENS
 
 # `{bos}` then one "role: content" line per message, then "assistant:" for the model to continue.
 DEFAULT_CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
@@ -33,6 +34,9 @@ class TextCodec:
         self._template = _compile(self.chat_template)
         self._byte_level = isinstance(tokenizer.decoder, decoders.ByteLevel)
         self._pieces: dict[int, tuple[str, list[int]]] = {}
+        added = tokenizer.get_added_tokens_decoder()  # id -> AddedToken
+        # special tokens but the tool-call markup: what a decoder that keeps the markup still hides
+        self._hidden = frozenset(i for i, t in added.items() if t.special and t.content not in TOOL_TOKENS)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> TextCodec:
@@ -53,25 +57,29 @@ class TextCodec:
         """A completion prompt, with the tokenizer's special tokens (e.g. a leading BOS)."""
         return self.tokenizer.encode(text).ids
 
-    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
-        """The prompt text of a conversation, ending with the assistant's turn. Raises `OpenAIError` 400 when the
-        template rejects the conversation (templates call `raise_exception`, e.g. for non-alternating roles)."""
+    def render_chat(self, messages: Sequence[ChatMessage], tools: list[dict] | None = None) -> str:
+        """The prompt text of a conversation, ending with the assistant's turn; `tools` (OpenAI tool objects) as
+        transformers passes them. Raises `OpenAIError` 400 when the template rejects the conversation (templates
+        call `raise_exception`, e.g. for non-alternating roles)."""
         from jinja2 import TemplateError
 
         try:
             return self._template.render(messages=[m.model_dump() for m in messages], add_generation_prompt=True,
-                                         bos_token=self.bos_token, eos_token=self.eos_token, tools=None)
+                                         bos_token=self.bos_token, eos_token=self.eos_token, tools=tools or None)
         except TemplateError as e:
             raise bad_request(f"messages: the chat template rejected the conversation: {e}", "messages") from None
 
-    def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
-        return self.tokenizer.encode(self.render_chat(messages), add_special_tokens=False).ids
+    def encode_chat(self, messages: Sequence[ChatMessage], tools: list[dict] | None = None) -> list[int]:
+        return self.tokenizer.encode(self.render_chat(messages, tools), add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    def decoder(self) -> IncrementalDecoder:
-        return IncrementalDecoder(self.tokenizer)
+    def decoder(self, tool_markup: bool = False) -> IncrementalDecoder:
+        """`tool_markup`: keep the tool-call tokens' text even where the tokenizer marks them special (a released
+        checkpoint does; the built-in models' decode as text anyway), so the tool parser can read them; other
+        special tokens stay hidden."""
+        return IncrementalDecoder(self.tokenizer, self._hidden if tool_markup else None)
 
     def token_piece(self, token_id: int) -> tuple[str, list[int]]:
         """One token alone, as logprobs show it: its text (special tokens included; a partial UTF-8 character shows
@@ -136,8 +144,8 @@ class IncrementalDecoder:
     tokens, and decoding a window alone can drop a leading space, so each delta is the difference between decoding
     a short window with and without the new tokens (vLLM's approach)."""
 
-    def __init__(self, tokenizer: Tokenizer):
-        self._tokenizer = tokenizer
+    def __init__(self, tokenizer: Tokenizer, hidden: frozenset[int] | None = None):
+        self._tokenizer, self._hidden = tokenizer, hidden  # hidden: ids dropped instead of all special tokens
         self._ids: list[int] = []
         self._prefix = self._read = 0  # window start; end of what was already turned into text
 
@@ -159,6 +167,8 @@ class IncrementalDecoder:
         return ""
 
     def _decode(self, ids: list[int]) -> str:
+        if self._hidden is not None:
+            return self._tokenizer.decode([i for i in ids if i not in self._hidden], skip_special_tokens=False)
         return self._tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
 
 

@@ -1,6 +1,7 @@
 """Structured output on the engine: greedy constrained output on `tiny` parses and validates against its schema
 (jsonschema, an independent validator), the mask of one constrained request leaves the other rows of the batch as
-they were, and a moved request's grammar resumes from the tokens it already generated."""
+they were, and a moved request's grammar resumes from the tokens it already generated. Forced tool calls: the grammar
+accepts exactly the call markup around valid arguments, and the random model's forced call validates."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import pytest
 import moemesh
 from moemesh.actors.attention.engine import Engine
 from moemesh.actors.attention.grammar import GrammarCompiler, grammar_for
-from moemesh.actors.request import RequestParams, StructuredOutput
+from moemesh.actors.request import RequestParams, StructuredOutput, ToolSpec
+from moemesh.kernels.chat_format import CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, TOOL_SEP
 
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
                                            "age": {"type": "integer", "minimum": 0, "maximum": 150},
@@ -109,3 +111,45 @@ def test_bad_grammar_is_refused_before_queueing(model, compiler):
     with pytest.raises(ValueError, match="grammar compiler"):
         Engine(model).add_request("r", [0, 1], RequestParams(structured=StructuredOutput(kind="json_object")))
     assert not engine.has_unfinished()
+
+
+TOOLS = (ToolSpec(name="lookup", parameters=json.dumps(SCHEMA)),
+         ToolSpec(name="ping", parameters='{"type": "object", "properties": {}}'))
+
+
+def call(name: str, args: str) -> str:
+    return CALL_BEGIN + name + TOOL_SEP + args + CALL_END
+
+
+def accepts(compiler: GrammarCompiler, spec: StructuredOutput, text: str) -> bool:
+    """Does the grammar accept all of `text` and then end (eos)?"""
+    matcher = compiler.state(spec).matcher
+    ids = compiler.tokenizer.encode(text, add_special_tokens=False)
+    eos = compiler.tokenizer.eos_token_id
+    return all(matcher.accept_token(t) for t in ids) and matcher.accept_token(eos) and matcher.is_terminated()
+
+
+def test_tool_calls_grammar_accepts_exactly_the_markup(compiler):
+    one, many = (StructuredOutput(kind="tool_calls", tools=TOOLS, parallel=p) for p in (False, True))
+    good = call("lookup", '{"name": "Ann", "age": 3, "pets": ["cat"], "ok": true}')
+    assert accepts(compiler, one, CALLS_BEGIN + good + CALLS_END)
+    assert accepts(compiler, many, CALLS_BEGIN + good + call("ping", "{}") + CALLS_END)
+    assert not accepts(compiler, one, CALLS_BEGIN + good + call("ping", "{}") + CALLS_END)  # one call only
+    assert not accepts(compiler, many, CALLS_BEGIN + call("pong", "{}") + CALLS_END)  # not a tool
+    assert not accepts(compiler, many, CALLS_BEGIN + call("lookup", '{"name": "Ann"}') + CALLS_END)  # required
+    assert not accepts(compiler, many, CALLS_BEGIN + CALLS_END)  # at least one call
+    assert not accepts(compiler, many, "Sure. " + CALLS_BEGIN + good + CALLS_END)  # nothing before the calls
+
+
+@pytest.mark.parametrize("prompt", ["Hello", "Call a tool"])
+def test_greedy_tool_call_validates(model, compiler, prompt):
+    """The random model, forced: one call to a known tool whose arguments validate, then eos."""
+    spec = StructuredOutput(kind="tool_calls", tools=TOOLS, parallel=False)
+    (out, finish), = run(Engine(model, grammar=compiler), {"r": (compiler.tokenizer.encode(prompt),
+                                                                 RequestParams(max_tokens=300, structured=spec))}).values()
+    assert finish == "stop" and out[-1] == model.config.eos_token_id
+    body = text(compiler, out[:-1])
+    assert body.startswith(CALLS_BEGIN + CALL_BEGIN) and body.endswith(CALL_END + CALLS_END)
+    name, args = body[len(CALLS_BEGIN + CALL_BEGIN):-len(CALL_END + CALLS_END)].split(TOOL_SEP)
+    schema = {t.name: json.loads(t.parameters) for t in TOOLS}[name]
+    jsonschema.validate(json.loads(args), schema)

@@ -8,6 +8,11 @@ import threading
 import pytest
 import uvicorn
 
+import moemesh
+from moemesh.actors.attention.engine import AsyncEngine, Engine
+from moemesh.actors.attention.grammar import grammar_for
+from moemesh.actors.ingress.app import Ingress
+from moemesh.actors.ingress.metrics import Metrics
 from moemesh.actors.request import Delta, RequestParams
 
 
@@ -58,3 +63,16 @@ def serve():
     for server, thread in servers:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def tiny_openai(serve, tiny_model_dir):
+    """The official `openai` client against a real server running the ingress over the in-process engine on `tiny`,
+    with its grammar compiler (structured output, forced tool calls); the model is served as "tiny"."""
+    import openai
+
+    model = moemesh.load_model(tiny_model_dir)
+    engine = AsyncEngine(Engine(model, grammar=grammar_for(tiny_model_dir, model.config)))
+    ingress = Ingress.from_checkpoint(tiny_model_dir, [EngineWorker(engine)], model_name="tiny",
+                                      metrics=Metrics(process_collectors=False))
+    return openai.OpenAI(base_url=serve(ingress.http_app) + "/v1", api_key="unused", max_retries=0, timeout=120)

@@ -195,7 +195,7 @@ async def test_chat(tiny_model_dir, codec, script):
     async with client(make_ingress(tiny_model_dir, worker)) as c:
         body = (await c.post("/v1/chat/completions", json={"model": MODEL, "messages": messages,
                                                            "max_completion_tokens": 4})).json()
-    prompt = "<bos>System: Be brief.\n\nUser: Hi\nthere\n\nAssistant:"  # the tiny model's chat_template
+    prompt = "<bos>Be brief.<｜User｜>Hi\nthere<｜Assistant｜>"  # the tiny model's chat_template
     prompt_ids = codec.tokenizer.encode(prompt, add_special_tokens=False).ids  # the template writes specials
     assert worker.calls[0][1] == prompt_ids
     assert body["id"].startswith("chatcmpl-")
@@ -399,7 +399,13 @@ BAD = [  # (id, path, body: dict | bytes, status, param, code)
      "invalid_value"),
     ("logit-bias-too-many", "completions", _completion(logit_bias={str(i): 1 for i in range(1025)}), 400,
      "logit_bias", None),
-    ("tools", "chat/completions", _chat(tools=[{"type": "function"}]), 400, "tools", "unsupported_parameter"),
+    ("tools-no-function", "chat/completions", _chat(tools=[{"type": "function"}]), 400, "tools", None),
+    ("tools-invalid-schema", "chat/completions", _chat(tools=[{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "objectt"}}}]), 400, "tools", None),
+    ("tool-choice-unknown-name", "chat/completions", _chat(tools=[{"type": "function", "function": {"name": "f"}}],
+                                                           tool_choice={"type": "function", "function": {"name": "g"}}),
+     400, "tool_choice", None),
+    ("tool-choice-required-no-tools", "chat/completions", _chat(tool_choice="required"), 400, "tool_choice", None),
     ("json-mode-unknown-type", "chat/completions", _chat(response_format={"type": "json"}), 400, "response_format",
      None),
     ("json-schema-invalid", "chat/completions", _chat(response_format={"type": "json_schema", "json_schema": {

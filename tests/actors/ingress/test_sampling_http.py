@@ -79,7 +79,8 @@ def test_chat_logprobs_match_the_model(api, model, codec):
         assert [e.token for e in entry.top_logprobs] == [codec.token_piece(i)[0] for i in top.indices.tolist()]
         assert [e.logprob for e in entry.top_logprobs] == pytest.approx(top.values.tolist(), abs=LOGPROB_ATOL)
         assert entry.top_logprobs[0].token == entry.token  # greedy picks the top entry
-    assert bytes(b for e in content for b in e.bytes).decode() == r.choices[0].message.content
+    # the random model may end on a partial UTF-8 character: both sides show it as U+FFFD
+    assert bytes(b for e in content for b in e.bytes).decode(errors="replace") == r.choices[0].message.content
     stream = api.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=8, temperature=0, logprobs=True,
                                          top_logprobs=3, stream=True, extra_body={"ignore_eos": True})
     streamed = [e for chunk in stream for c in chunk.choices if c.logprobs for e in c.logprobs.content]

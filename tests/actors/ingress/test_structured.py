@@ -9,11 +9,6 @@ import json
 import jsonschema
 import pytest
 
-import moemesh
-from moemesh.actors.attention.engine import AsyncEngine, Engine
-from moemesh.actors.attention.grammar import grammar_for
-from moemesh.actors.ingress.app import Ingress
-from moemesh.actors.ingress.metrics import Metrics
 from moemesh.actors.ingress.protocol import OpenAIError
 from moemesh.actors.ingress.structured import response_format_output, unsupported_feature
 
@@ -26,14 +21,8 @@ SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength
 
 
 @pytest.fixture(scope="module")
-def api(serve, tiny_model_dir, engine_worker):
-    import openai
-
-    model = moemesh.load_model(tiny_model_dir)
-    engine = AsyncEngine(Engine(model, grammar=grammar_for(tiny_model_dir, model.config)))
-    ingress = Ingress.from_checkpoint(tiny_model_dir, [engine_worker(engine)], model_name=MODEL,
-                                      metrics=Metrics(process_collectors=False))
-    return openai.OpenAI(base_url=serve(ingress.http_app) + "/v1", api_key="unused", max_retries=0, timeout=120)
+def api(tiny_openai):
+    return tiny_openai
 
 
 def _schema_format(schema: dict) -> dict:

@@ -48,13 +48,57 @@ def test_flush_returns_a_partial_character(codec):
 
 def test_chat_templates(codec, tiny_model_dir, tmp_path):
     messages = [ChatMessage(role="system", content="S"), ChatMessage(role="user", content="U")]
-    assert codec.render_chat(messages) == "<bos>System: S\n\nUser: U\n\nAssistant:"  # the tiny checkpoint's template
+    assert codec.render_chat(messages) == "<bos>S<｜User｜>U<｜Assistant｜>"  # the tiny checkpoint's template
     assert codec.encode_chat(messages) == codec.tokenizer.encode(codec.render_chat(messages),
                                                                  add_special_tokens=False).ids
     default = with_tokenizer_config(tiny_model_dir, tmp_path, bos_token={"content": "<bos>"}, eos_token="<eos>")
     assert default.chat_template == DEFAULT_CHAT_TEMPLATE
     assert default.render_chat(messages) == "<bos>system: S\nuser: U\nassistant:"
     assert default.encode_chat(messages)[0] == 0  # the template's <bos> is the special token, written once
+
+
+def test_tiny_template_renders_tools_calls_and_results(codec):
+    """The built-in chat format (kernels/chat_format.py): tools in the system part, an earlier assistant turn's calls
+    as markup (arguments as a JSON string or an object), tool results wrapped, each marker one token."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                               "parameters": {"type": "object", "properties": {}}}}]
+    messages = [ChatMessage(role="system", content="S"), ChatMessage(role="user", content="U"),
+                ChatMessage.model_validate({"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"a": 1}'}},
+                    {"id": "c2", "type": "function", "function": {"name": "get_weather", "arguments": {"b": 2}}}]}),
+                ChatMessage(role="tool", content="sunny", tool_call_id="c1"),
+                ChatMessage(role="assistant", content="It is sunny.")]
+    text = codec.render_chat(messages, tools)
+    assert text.startswith("<bos>S\n\n## Tools\n") and "### get_weather\nDescription: Weather of a city\n" in text
+    assert 'Parameters: {"type": "object", "properties": {}}\n<｜User｜>U' in text
+    assert text.endswith(
+        "<｜User｜>U<｜Assistant｜><｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{\"a\": 1}"
+        "<｜tool▁call▁end｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{\"b\": 2}<｜tool▁call▁end｜>"
+        "<｜tool▁calls▁end｜><eos><｜tool▁output▁begin｜>sunny<｜tool▁output▁end｜><｜Assistant｜>It is sunny.<eos>"
+        "<｜Assistant｜>")
+    assert codec.render_chat(messages[:2]) == "<bos>S<｜User｜>U<｜Assistant｜>"  # no tools: no tools section
+    vocab = codec.tokenizer.get_vocab(with_added_tokens=True)
+    ids = codec.encode_chat(messages, tools)
+    for marker in ("<｜User｜>", "<｜Assistant｜>", "<｜tool▁calls▁begin｜>", "<｜tool▁output▁end｜>"):
+        assert vocab[marker] in ids
+    # role markers are skipped when decoding, tool markup decodes to its text (the ingress parses it)
+    assert codec.decode([vocab["<｜Assistant｜>"], vocab["<｜tool▁sep｜>"]]) == "<｜tool▁sep｜>"
+
+
+def test_tool_markup_survives_decoding_where_it_is_special(codec, tiny_model_dir, tmp_path):
+    """A released checkpoint marks the tool-call tokens special; a decoder for a request with tools keeps their text
+    (for the tool parser) and still hides the other special tokens."""
+    tok = json.loads((tiny_model_dir / "tokenizer.json").read_text())
+    for entry in tok["added_tokens"]:
+        entry["special"] = True
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tok))
+    released = TextCodec.from_checkpoint(tmp_path)
+    text = "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>f<｜tool▁sep｜>{}<｜tool▁call▁end｜><｜tool▁calls▁end｜>"
+    ids = [0, *released.tokenizer.encode("<｜Assistant｜>" + text, add_special_tokens=False).ids, 1]  # bos, eos
+    for c, expect_plain in ((codec, text), (released, "f{}")):
+        plain, keep = c.decoder(), c.decoder(tool_markup=True)
+        assert "".join(plain.push([t]) for t in ids) + plain.flush() == expect_plain
+        assert "".join(keep.push([t]) for t in ids) + keep.flush() == text
 
 
 def test_named_and_rejecting_templates(tiny_model_dir, tmp_path):
