@@ -42,7 +42,7 @@ def _counter(name: str, doc: str, labels: list[str], values: dict) -> CounterMet
 
 
 class WorkerCollector(Collector):
-    """An attention worker: scheduler, KV cache, prefix cache, tokens per expert, bytes/messages per shard, Engram cache."""
+    """An attention worker: scheduler, KV and prefix cache, tokens per expert, bytes/messages per shard, Engram."""
 
     def __init__(self, worker, model_name: str):
         self.worker, self.model_name = worker, model_name

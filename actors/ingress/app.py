@@ -159,8 +159,9 @@ class Ingress:
             req.check(self.limits)
             fmt = format_cls(self.model_name, req.include_usage)
             choices, prompt_tokens = self._choices(req, fmt.id)
-            gen = Generation(await self.router.pick(prompt=choices[0].prompt_ids), choices, self.limits.stream_idle_timeout_s, prompt_tokens,
-                             started_at=arrival, router=self.router)
+            worker = await self.router.pick(prompt=choices[0].prompt_ids)  # all prompts of a request go there
+            gen = Generation(worker, choices, self.limits.stream_idle_timeout_s, prompt_tokens, started_at=arrival,
+                             router=self.router)
         except Exception as e:
             return self._error(e)
         gen.start()

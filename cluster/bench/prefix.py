@@ -10,6 +10,7 @@ find the system prompt cached and later turns find their own history), so TTFT i
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -76,8 +77,11 @@ def run_workload(engine: Engine, work: Workload) -> list[Turn]:
 
 
 def measure(model, work: Workload, repeats: int = 2) -> dict[bool, list[Turn]]:
-    """cache on/off -> the turns of its fastest run (by summed TTFT) of `repeats` fresh engines each, alternated."""
+    """cache on/off -> the turns of its fastest run (by summed TTFT) of `repeats` fresh engines each, alternated,
+    after a warm-up run (first calls of the model's kernels)."""
     best: dict[bool, list[Turn]] = {}
+    run_workload(Engine(model), Workload(conversations=1, turns=2, system_len=work.system_len,
+                                         user_len=work.user_len, max_tokens=2, seed=work.seed + 1))  # warm-up
     for _ in range(repeats):
         for on in (False, True):
             engine = Engine(model, cache=CacheConfig(enable_prefix_caching=on))
@@ -135,7 +139,9 @@ def run(model_name: str, work: Workload, device: str, write: str | None, command
     if need > model.config.max_position_embeddings:
         raise ValueError(f"--prompt-len/--turns: the last turn needs {need} tokens, more than the model's context "
                          f"of {model.config.max_position_embeddings}")
-    text = markdown(measure(model, work), work, model_name, str(dev), machine(), command)
+    best = measure(model, work)
+    where = f"{machine()} (load average {os.getloadavg()[0]:.1f} at the end: shared with other work)"
+    text = markdown(best, work, model_name, str(dev), where, command)
     if write:
         write_section(write, text)
     return text
