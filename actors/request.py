@@ -156,7 +156,8 @@ class Delta:
     the cumulative count as the worker sees it; when given it is what `usage` reports, otherwise the ingress counts the
     ids it received. `prompt_tokens` is informational: the ingress always reports the prompt it tokenized (a worker that
     re-prefilled after a failover sees more). `logprobs`: of `token_ids`, when the request asked (`RequestParams.
-    logprobs`); `prompt_logprobs`: on the first delta, of prompt tokens 1.. (the first has none). `asdict(delta)` and
+    logprobs`); `prompt_logprobs`: on the first delta, of prompt tokens 1.. (the first has none). `cached_tokens`: prompt
+    tokens whose state the worker took from its prefix cache (None: the worker does not say). `asdict(delta)` and
     `Delta(**that)` round-trip (what crosses a process boundary)."""
 
     token_ids: list[int] = field(default_factory=list)
@@ -165,6 +166,7 @@ class Delta:
     completion_tokens: int | None = None
     logprobs: TokenLogprobs | None = None
     prompt_logprobs: TokenLogprobs | None = None
+    cached_tokens: int | None = None
 
     def __post_init__(self):
         for name in ("logprobs", "prompt_logprobs"):

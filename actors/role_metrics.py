@@ -42,7 +42,7 @@ def _counter(name: str, doc: str, labels: list[str], values: dict) -> CounterMet
 
 
 class WorkerCollector(Collector):
-    """An attention worker: scheduler, KV cache, tokens per expert, bytes/messages per shard, Engram cache."""
+    """An attention worker: scheduler, KV and prefix cache, tokens per expert, bytes/messages per shard, Engram."""
 
     def __init__(self, worker, model_name: str):
         self.worker, self.model_name = worker, model_name
@@ -59,6 +59,10 @@ class WorkerCollector(Collector):
             yield family
         yield _counter("moemesh:num_preemptions", "Requests preempted (recomputed later).", MODEL,
                        {self.model_name: stats.num_preemptions})
+        yield _counter("moemesh:prefix_cache_queries", "Prompt tokens looked up in the prefix cache (vLLM's "
+                       "prefix_cache_queries).", MODEL, {self.model_name: stats.prefix_cache_queries})
+        yield _counter("moemesh:prefix_cache_hits", "Of those, tokens whose state was found (vLLM's "
+                       "prefix_cache_hits).", MODEL, {self.model_name: stats.prefix_cache_hits})
         parts = self.worker.step_parts.seconds(self.worker.engine.engine.clock)
         yield _counter("moemesh:steps", "Forward steps run (each over the whole running batch).", [],
                        {(): parts.pop("steps")})

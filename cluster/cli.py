@@ -178,10 +178,11 @@ def _status(args: argparse.Namespace) -> int:
 
 # ---- bench ---------------------------------------------------------------------------------------------------------
 def _bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("what", choices=["serve", "plan", "soak", "kernels"],
+    p.add_argument("what", choices=["serve", "plan", "soak", "kernels", "prefix"],
                    help="serve: served cluster vs in-process engine; plan: our planner vs the baselines on every "
                         "topology preset; soak: steady load for --minutes, RSS of every role at start and end; "
-                        "kernels: each fast-path kernel vs the reference on --device")
+                        "kernels: each fast-path kernel vs the reference on --device; prefix: TTFT of a shared-prefix "
+                        "multi-turn workload with the prefix cache on and off (in-process engine on --device)")
     p.add_argument("--device", default="auto", help="kernels: cpu, cuda[:i], npu[:i] or auto (default)")
     p.add_argument("--preset", default="tiny", help="kernels: shapes (tiny or v4-flash; default tiny)")
     p.add_argument("--dtype", default="bfloat16", help="kernels: bfloat16 (default), float32 or float16")
@@ -199,6 +200,10 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-client", type=int, default=2, help="requests each client sends (default 2)")
     p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens (default 32)")
     p.add_argument("--max-tokens", type=int, default=16, help="new tokens per request (default 16)")
+    p.add_argument("--conversations", type=int, default=4, help="prefix: conversations (default 4)")
+    p.add_argument("--turns", type=int, default=4, help="prefix: turns per conversation (default 4)")
+    p.add_argument("--system-len", type=int, default=512, help="prefix: tokens of the shared system prompt "
+                                                               "(default 512)")
     p.add_argument("--minutes", type=float, default=10.0, help="soak: minutes of steady load after warm-up "
                                                                 "(default 10)")
     p.add_argument("--write", default=None, help="markdown file whose section to replace (e.g. docs/benchmarks.md)")
@@ -214,6 +219,16 @@ def _bench(args: argparse.Namespace) -> int:
         return bench_kernels.main(["--device", args.device, "--preset", args.preset, "--dtype", args.dtype,
                                    "--repeat", str(args.repeat)] + (["--write", args.write] if args.write else []),
                                   write_section=write_section)
+    if args.what == "prefix":
+        from moemesh.cluster.bench import prefix as bench_prefix
+
+        work = bench_prefix.Workload(conversations=_positive(args.conversations, "--conversations"),
+                                     turns=_positive(args.turns, "--turns"),
+                                     system_len=_positive(args.system_len, "--system-len"),
+                                     max_tokens=_positive(args.max_tokens, "--max-tokens"))
+        command = "moemesh " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("moemesh") else "moemesh bench prefix"
+        print(bench_prefix.run(args.model or "tiny", work, args.device, args.write, command))
+        return 0
     if args.what == "plan":
         from moemesh.cluster.bench import plan as bench_planner
 
@@ -249,6 +264,12 @@ def _positive_list(text: str, flag: str) -> list[int]:
     if not values or min(values) < 1:
         raise ValueError(f"{flag}: comma-separated positive integers, got {text!r}")
     return values
+
+
+def _positive(value: int, flag: str) -> int:
+    if value < 1:
+        raise ValueError(f"{flag}: a positive integer, got {value}")
+    return value
 
 
 def _plan_command() -> Command:

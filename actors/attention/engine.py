@@ -24,7 +24,7 @@ from moemesh.actors.attention.prefix_cache import PrefixCache
 from moemesh.actors.attention.sampler import LogitsProcessor, Sampled, SampleRow, prompt_logprobs, sample_rows
 from moemesh.actors.attention.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from moemesh.actors.attention.sequence import Sequence
-from moemesh.actors.request import FinishReason, RequestParams, TokenLogprobs, check_token_ids
+from moemesh.actors.request import Delta, FinishReason, RequestParams, TokenLogprobs, check_token_ids
 from moemesh.kernels.decode_state import SequenceCache
 from moemesh.kernels.model import DeepseekV4
 from moemesh.kernels.sampling import SamplingParams
@@ -63,6 +63,11 @@ class RequestOutput:
     logprobs: TokenLogprobs | None = None
     prompt_logprobs: TokenLogprobs | None = None
     cached_tokens: int = 0  # prompt tokens whose state came from the prefix cache
+
+    def delta(self) -> Delta:
+        """What a worker streams to the ingress for this output."""
+        return Delta(self.new_token_ids, self.finish_reason, self.prompt_tokens, self.completion_tokens,
+                     self.logprobs, self.prompt_logprobs, self.cached_tokens)
 
 
 @dataclass

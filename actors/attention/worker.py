@@ -23,7 +23,7 @@ from moemesh.actors.attention.shard_avoidance import RecoveryConfig
 from moemesh.actors.attention.token_dispatch import Dispatcher, ExpertMap
 from moemesh.actors.engram.client import EngramClient, EngramClientConfig, EngramRoute, GrpcEngramTransport, replica_id
 from moemesh.actors.io_loop import IoLoop
-from moemesh.actors.request import Delta, RequestParams
+from moemesh.actors.request import RequestParams
 from moemesh.actors.role_metrics import WorkerCollector, engram_latency_histogram, role_registry, serve_registry
 from moemesh.kernels.device import resolve_device
 from moemesh.kernels.model import load_model
@@ -87,8 +87,7 @@ class AttentionWorker:
         """Stream `Delta`s (token ids; the ingress detokenizes and cuts at stop strings) as dicts. Stopping the
         iteration (client gone, stop string found) frees the request's KV blocks."""
         async for out in self.engine.generate(request_id, prompt_token_ids, RequestParams(**params)):
-            yield asdict(Delta(out.new_token_ids, out.finish_reason, out.prompt_tokens, out.completion_tokens,
-                               out.logprobs, out.prompt_logprobs))
+            yield asdict(out.delta())
 
     def set_micro_batches(self, n: int) -> int:
         """Change how many micro-batches the coming steps are split into (1 = no overlap) -> the value in force. For

@@ -33,6 +33,7 @@ from moemesh.actors.ingress.gate import Admission, ApiKeys, Gate
 from moemesh.actors.ingress.generation import Choice, Generation, LeastLoadedRouter, Worker
 from moemesh.actors.ingress.logprobs import LogprobsBuffer
 from moemesh.actors.ingress.metrics import Metrics, process_metrics
+from moemesh.actors.ingress.prefix_routing import PrefixRoutingConfig
 from moemesh.actors.ingress.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -61,16 +62,18 @@ log = logging.getLogger(__name__)
 class Ingress:
     """The OpenAI-compatible HTTP app over `workers`; `http_app` is the FastAPI app (see the module docstring).
     `api_keys`: bearer keys required on every path but /health, the OpenAPI schema and its browser (and `/metrics*`
-    when `public_metrics`); none: the API is open."""
+    when `public_metrics`); none: the API is open. `prefix_routing`: route by prompt prefix (None: by load only)."""
 
     def __init__(self, codec: TextCodec, workers: Sequence[Worker], model_name: str, context_length: int,
                  limits: IngressLimits | None = None, metrics: Metrics | None = None, *,
-                 api_keys: Sequence[str] = (), public_metrics: bool = False):
+                 api_keys: Sequence[str] = (), public_metrics: bool = False,
+                 prefix_routing: PrefixRoutingConfig | None = PrefixRoutingConfig()):
         self.codec, self.model_name = codec, model_name
         self.limits = lim = limits or IngressLimits()
         self.context_length = lim.context_length or context_length
         self.max_prompt_tokens = min(lim.max_prompt_tokens or self.context_length, self.context_length - 1)
-        self.router = LeastLoadedRouter(workers, lim.load_timeout_s, lim.max_worker_load, lim.retry_after_s)
+        self.router = LeastLoadedRouter(workers, lim.load_timeout_s, lim.max_worker_load, lim.retry_after_s,
+                                        prefix_routing)
         self.admission = Admission(lim.max_in_flight, lim.max_concurrent_per_key, lim.retry_after_s)
         self.metrics = metrics or process_metrics()
         self.created = int(time.time())
@@ -79,7 +82,8 @@ class Ingress:
     @classmethod
     def from_checkpoint(cls, path: str | Path, workers: Sequence[Worker], model_name: str | None = None,
                         limits: IngressLimits | None = None, metrics: Metrics | None = None, *,
-                        api_keys: Sequence[str] = (), public_metrics: bool = False) -> Ingress:
+                        api_keys: Sequence[str] = (), public_metrics: bool = False,
+                        prefix_routing: PrefixRoutingConfig | None = PrefixRoutingConfig()) -> Ingress:
         """Tokenizer and chat template from the checkpoint; context length from its config.json; the model is
         served as `model_name` (default: the directory's name)."""
         path = Path(path)
@@ -88,7 +92,7 @@ class Ingress:
             raise ValueError(f"{path / 'config.json'}: max_position_embeddings: expected an int")
         return cls(TextCodec.from_checkpoint(path), workers, model_name or path.resolve().name,
                    config["max_position_embeddings"], limits, metrics, api_keys=api_keys,
-                   public_metrics=public_metrics)
+                   public_metrics=public_metrics, prefix_routing=prefix_routing)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """Ray Serve's hook for `serve.ingress()` without an app argument."""
@@ -155,8 +159,9 @@ class Ingress:
             req.check(self.limits)
             fmt = format_cls.for_request(self.model_name, req)
             choices, prompt_tokens = self._choices(req, fmt)
-            gen = Generation(await self.router.pick(), choices, self.limits.stream_idle_timeout_s, prompt_tokens,
-                             started_at=arrival, router=self.router)
+            worker = await self.router.pick(prompt=choices[0].prompt_ids)  # all prompts of a request go there
+            gen = Generation(worker, choices, self.limits.stream_idle_timeout_s, prompt_tokens, started_at=arrival,
+                             router=self.router)
         except Exception as e:
             return self._error(e)
         gen.start()
@@ -256,7 +261,8 @@ class Ingress:
                                                                       "chat" if chat else "completion")
                 choices.append(Choice(index, f"{request_id}-{index}", ids, params,
                                       self.codec.decoder(tool_markup=bool(tools.names)),
-                                      StopCutter(req.stop), echo, logprobs=buffer, echo_only=max_tokens == 0))
+                                      StopCutter(req.stop), echo, logprobs=buffer, echo_only=max_tokens == 0,
+                                      prompt=p))
         return choices, prompt_tokens
 
     def _prompts(self, req: CompletionRequest | ChatCompletionRequest,

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
 from moemesh.actors.ingress.logprobs import LogprobsBuffer
+from moemesh.actors.ingress.prefix_routing import PrefixAffinity, PrefixRoutingConfig
 from moemesh.actors.ingress.protocol import OpenAIError, WorkerError, too_many_requests, unavailable
 from moemesh.actors.ingress.text import IncrementalDecoder, StopCutter
 from moemesh.actors.request import Delta, FinishReason, RequestParams
@@ -78,10 +79,12 @@ class LeastLoadedRouter:
     """Picks the worker with the smallest `load()`; ties go round-robin. Workers that fail or do not answer within
     `timeout_s` are skipped for this pick; with none left the request gets 503. With `max_load`, a request that
     finds every answering worker at or above it gets 429 (Retry-After `retry_after_s`) instead of queueing.
-    An `ElasticWorker` (a pool) is a candidate only while no fixed worker is below its `spill_at`."""
+    An `ElasticWorker` (a pool) is a candidate only while no fixed worker is below its `spill_at`. With
+    `prefix_routing`, a request's prompt goes to the worker that was sent its longest prefix, unless that one is busier
+    than the least loaded by more than the config's `spill` (`PrefixAffinity`, prefix_routing.py)."""
 
     def __init__(self, workers: Sequence[Worker], timeout_s: float = 2.0, max_load: float | None = None,
-                 retry_after_s: int = 1):
+                 retry_after_s: int = 1, prefix_routing: PrefixRoutingConfig | None = None):
         if not workers:
             raise ValueError("workers: at least one is needed")
         self.workers = list(workers)
@@ -90,12 +93,15 @@ class LeastLoadedRouter:
         self._next = 0
         self._down_until: dict[int, float] = {}  # worker index -> monotonic time until which it is skipped
         self.readmits: deque[dict] = deque(maxlen=256)  # the last requests moved off a lost worker (Generation)
+        self.affinity = PrefixAffinity(prefix_routing) if prefix_routing is not None else None
 
     def mark_down(self, worker: Worker, for_s: float) -> None:
         """Skip `worker` for `for_s` seconds (it was lost; Serve is restarting it)."""
         for i, w in enumerate(self.workers):
             if w is worker:
                 self._down_until[i] = time.monotonic() + for_s
+                if self.affinity is not None:
+                    self.affinity.forget(i)
 
     async def loads(self) -> list[float | None]:
         """Each worker's load, None where it failed, timed out, is marked down or is a pool with no replica."""
@@ -105,9 +111,10 @@ class LeastLoadedRouter:
         return list(await asyncio.gather(*(self._load(w) if ask else _none()
                                            for w, ask in zip(self.workers, asked))))
 
-    async def pick(self, limit: bool = True) -> Worker:
-        """The least loaded worker (pools only once the fixed workers are full, see `ElasticWorker`); `limit=False`
-        ignores `max_load` (a re-admitted request was already admitted once)."""
+    async def pick(self, limit: bool = True, prompt: Sequence[int] = ()) -> Worker:
+        """The least loaded worker (pools only once the fixed workers are full, see `ElasticWorker`), or with prefix
+        routing the one holding `prompt`'s prefix; `limit=False` ignores `max_load` (a re-admitted request was
+        already admitted once)."""
         loads = await self.loads()
         alive = self._spill([i for i, load in enumerate(loads) if load is not None], loads)
         if not alive:
@@ -117,8 +124,13 @@ class LeastLoadedRouter:
             raise too_many_requests(f"every attention worker is full ({best:g} sequences or more each); retry later",
                                     self._retry_after_s, code="workers_full")
         n = len(self.workers)
-        chosen = min((i for i in alive if loads[i] == best), key=lambda i: (i - self._next) % n)
-        self._next = (chosen + 1) % n
+        hashes = self.affinity.chain(prompt) if self.affinity is not None else []
+        chosen = self.affinity.prefer(hashes, alive, loads) if hashes else None
+        if chosen is None:
+            chosen = min((i for i in alive if loads[i] == best), key=lambda i: (i - self._next) % n)
+            self._next = (chosen + 1) % n
+        if hashes:
+            self.affinity.record(hashes, chosen)
         return self.workers[chosen]
 
     def _spill(self, alive: list[int], loads: list[float | None]) -> list[int]:
@@ -164,11 +176,15 @@ class Choice:
     finished_at: float | None = None
     logprobs: LogprobsBuffer | None = None
     echo_only: bool = False
+    prompt: int = 0  # which prompt of the request (its n choices share one)
+    cached_tokens: int | None = None  # prompt tokens the (first) worker found in its prefix cache, when it says
 
     def feed(self, delta: Delta, now: float) -> None:
         """Take one delta: count tokens, decode, keep logprobs, cut at a stop string (which finishes the choice)."""
         if delta.token_ids and self.first_token_at is None:
             self.first_token_at = now
+        if self.cached_tokens is None:
+            self.cached_tokens = delta.cached_tokens
         if self.echo_only:
             delta = replace(delta, token_ids=[], completion_tokens=0, logprobs=None,
                             finish_reason="length" if delta.finish_reason == "stop" else delta.finish_reason)
@@ -350,9 +366,18 @@ class Generation:
         return sum(c.tokens for c in self.choices)
 
     def usage(self) -> dict:
+        """OpenAI's usage; `prompt_tokens_details.cached_tokens` (when the workers say) counts each prompt once, with
+        the most any of its choices found cached."""
         prompt = self.prompt_tokens
-        return {"prompt_tokens": prompt, "completion_tokens": self.completion_tokens,
-                "total_tokens": prompt + self.completion_tokens}
+        out = {"prompt_tokens": prompt, "completion_tokens": self.completion_tokens,
+               "total_tokens": prompt + self.completion_tokens}
+        cached: dict[int, int] = {}
+        for c in self.choices:
+            if c.cached_tokens is not None:
+                cached[c.prompt] = max(cached.get(c.prompt, 0), c.cached_tokens)
+        if cached:
+            out["prompt_tokens_details"] = {"cached_tokens": sum(cached.values())}
+        return out
 
 
 _BACKGROUND: set[asyncio.Task] = set()  # keeps fire-and-forget aborts alive until they finish

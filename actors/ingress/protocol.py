@@ -373,6 +373,7 @@ from moemesh.actors.ingress.responses import (  # noqa: F401  (re-exported: the 
     FunctionCallOut,
     ModelCard,
     ModelList,
+    PromptTokensDetails,
     ToolCallOut,
     Usage,
 )

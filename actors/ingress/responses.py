@@ -14,10 +14,16 @@ class _Out(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class PromptTokensDetails(_Out):
+    cached_tokens: int = Field(0, description="Prompt tokens whose state came from the prefix cache.")
+
+
 class Usage(_Out):
     prompt_tokens: int = Field(description="Prompt tokens, counted once per prompt (not per choice).")
     completion_tokens: int = Field(description="Generated tokens over all choices.")
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = Field(None, exclude_if=lambda v: v is None,
+                                                              description="Absent when the workers do not say.")
 
 
 class CompletionChoice(_Out):

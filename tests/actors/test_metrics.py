@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import httpx
 
 from moemesh.actors.attention.blocks import KVCacheUsage
-from moemesh.actors.attention.engine import EngineStats
+from moemesh.actors.attention.engine import EngineStats, StepClock
+from moemesh.actors.attention.remote_step import StepParts
 from moemesh.actors.attention.token_dispatch import DispatchStats
 from moemesh.actors.ingress.metrics import Metrics, process_metrics
 from moemesh.actors.role_metrics import WorkerCollector, role_registry, serve_registry
@@ -44,11 +45,11 @@ def test_registries_are_independent_and_the_process_one_is_shared():
 
 def _worker(num_preemptions: int) -> SimpleNamespace:
     stats = EngineStats(num_running=2, num_waiting=3, kv_cache=KVCacheUsage(1, 4, 1, 2, 0.25),
-                        num_preemptions=num_preemptions)
+                        num_preemptions=num_preemptions, prefix_cache_queries=640, prefix_cache_hits=512)
     dispatch = DispatchStats(tokens_per_expert=Counter({(3, 17): 5}), bytes_to=Counter({"s0": 1024}),
                              bytes_from=Counter({"s0": 512}), messages_to=Counter({"s0": 2}))
-    return SimpleNamespace(engine=SimpleNamespace(engine=SimpleNamespace(stats=lambda: stats)),
-                           dispatcher=SimpleNamespace(stats=dispatch), engram=None)
+    return SimpleNamespace(engine=SimpleNamespace(engine=SimpleNamespace(stats=lambda: stats, clock=StepClock())),
+                           dispatcher=SimpleNamespace(stats=dispatch), engram=None, step_parts=StepParts())
 
 
 def test_a_worker_registry_exports_its_engine_and_dispatch_counters_over_http():
@@ -60,6 +61,8 @@ def test_a_worker_registry_exports_its_engine_and_dispatch_counters_over_http():
                  'moemesh:num_requests_waiting{model_name="tiny"} 3.0',
                  'moemesh:kv_cache_usage_perc{model_name="tiny"} 0.25',
                  'moemesh:num_preemptions_total{model_name="tiny"} 7.0',
+                 'moemesh:prefix_cache_queries_total{model_name="tiny"} 640.0',
+                 'moemesh:prefix_cache_hits_total{model_name="tiny"} 512.0',
                  'moemesh:expert_tokens_total{expert="17",layer="3"} 5.0',
                  'moemesh:dispatch_bytes_total{direction="sent",shard="s0"} 1024.0',
                  'moemesh:dispatch_bytes_total{direction="received",shard="s0"} 512.0',

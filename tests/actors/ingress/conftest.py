@@ -24,8 +24,7 @@ class EngineWorker:
 
     async def generate(self, request_id, prompt_token_ids, params):
         async for out in self.engine.generate(request_id, prompt_token_ids, RequestParams(**params.model_dump())):
-            yield Delta(out.new_token_ids, out.finish_reason, out.prompt_tokens, out.completion_tokens, out.logprobs,
-                        out.prompt_logprobs)
+            yield out.delta()
 
     async def load(self) -> float:
         stats = self.engine.engine.stats()
