@@ -178,11 +178,13 @@ def _status(args: argparse.Namespace) -> int:
 
 # ---- bench ---------------------------------------------------------------------------------------------------------
 def _bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("what", choices=["serve", "plan", "soak", "kernels", "prefix"],
+    p.add_argument("what", choices=["serve", "plan", "soak", "kernels", "prefix", "chunked"],
                    help="serve: served cluster vs in-process engine; plan: our planner vs the baselines on every "
                         "topology preset; soak: steady load for --minutes, RSS of every role at start and end; "
                         "kernels: each fast-path kernel vs the reference on --device; prefix: TTFT of a shared-prefix "
-                        "multi-turn workload with the prefix cache on and off (in-process engine on --device)")
+                        "multi-turn workload with the prefix cache on and off (in-process engine on --device); "
+                        "chunked: running streams' TPOT while a --long-len prompt arrives, chunked prefill off and on "
+                        "(in-process)")
     p.add_argument("--device", default="auto", help="kernels: cpu, cuda[:i], npu[:i] or auto (default)")
     p.add_argument("--preset", default="tiny", help="kernels: shapes (tiny or v4-flash; default tiny)")
     p.add_argument("--dtype", default="bfloat16", help="kernels: bfloat16 (default), float32 or float16")
@@ -201,6 +203,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens (default 32)")
     p.add_argument("--max-tokens", type=int, default=16, help="new tokens per request (default 16)")
     p.add_argument("--conversations", type=int, default=4, help="prefix: conversations (default 4)")
+    p.add_argument("--long-len", type=int, default=3000, help="chunked: tokens of the arriving prompt (default 3000)")
     p.add_argument("--turns", type=int, default=4, help="prefix: turns per conversation (default 4)")
     p.add_argument("--system-len", type=int, default=512, help="prefix: tokens of the shared system prompt "
                                                                "(default 512)")
@@ -228,6 +231,12 @@ def _bench(args: argparse.Namespace) -> int:
                                      max_tokens=_positive(args.max_tokens, "--max-tokens"))
         command = "moemesh " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("moemesh") else "moemesh bench prefix"
         print(bench_prefix.run(args.model or "tiny", work, args.device, args.write, command))
+        return 0
+    if args.what == "chunked":
+        from moemesh.cluster.bench import chunked as bench_chunked
+
+        command = "moemesh " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("moemesh") else "moemesh bench chunked"
+        print(bench_chunked.run(args.model or "tiny", _positive(args.long_len, "--long-len"), args.write, command))
         return 0
     if args.what == "plan":
         from moemesh.cluster.bench import plan as bench_planner

@@ -38,34 +38,37 @@ def decode(fmt: str, data: Tensor, scale: Tensor, out: Tensor) -> Tensor | None:
     [ceil(R/128), ceil(C/128)]; ue8m0 or float scales -> `out` [R, C] float32, or None (use the torch path)."""
     if numba is None or out.dtype != torch.float32 or out.device.type != "cpu" or not out.is_contiguous():
         return None
-    ue8m0 = scale.dtype in (torch.uint8, torch.float8_e8m0fnu)
-    values = UE8M0_TABLE[scale.view(torch.uint8).numpy()] if ue8m0 else scale.float().contiguous().numpy()
     codes = data.contiguous().view(torch.uint8).numpy()
+    if scale.dtype in (torch.uint8, torch.float8_e8m0fnu):  # exponent bytes, looked up inside the loop
+        scales, scale_table = scale.contiguous().view(torch.uint8).numpy(), UE8M0_TABLE
+    else:  # float scales (rare): the same lookup, through each scale's own index
+        scale_table = scale.float().contiguous().numpy().reshape(-1)
+        scales = np.arange(scale_table.size, dtype=np.int32).reshape(tuple(scale.shape))
     if fmt == "fp4":
-        _fp4(codes, values, FP4_TABLE, out.numpy(), quant.FP4_GROUP)
+        _fp4(codes, scales, scale_table, FP4_TABLE, out.numpy(), quant.FP4_GROUP)
     else:
-        _fp8(codes, values, FP8_TABLE, out.numpy(), quant.FP8_BLOCK)
+        _fp8(codes, scales, scale_table, FP8_TABLE, out.numpy(), quant.FP8_BLOCK)
     return out
 
 
 if numba is not None:
     @numba.njit(cache=True, nogil=True)
-    def _fp4(codes, scale, table, out, group):  # pragma: no cover - compiled
+    def _fp4(codes, scales, scale_table, table, out, group):  # pragma: no cover - compiled
         rows, half = codes.shape
         per = group // 2  # bytes per scale group
         for r in range(rows):
             for g in range((half + per - 1) // per):
-                s = scale[r, g]
+                s = scale_table[scales[r, g]]
                 for i in range(g * per, min(half, g * per + per)):
                     b = codes[r, i]
                     out[r, 2 * i] = table[b & 15] * s
                     out[r, 2 * i + 1] = table[b >> 4] * s
 
     @numba.njit(cache=True, nogil=True)
-    def _fp8(codes, scale, table, out, block):  # pragma: no cover - compiled
+    def _fp8(codes, scales, scale_table, table, out, block):  # pragma: no cover - compiled
         rows, cols = codes.shape
         for r in range(rows):
             for g in range((cols + block - 1) // block):
-                s = scale[r // block, g]
+                s = scale_table[scales[r // block, g]]
                 for c in range(g * block, min(cols, g * block + block)):
                     out[r, c] = table[codes[r, c]] * s

@@ -122,9 +122,8 @@ class ExpertBank(nn.Module):
         if not self.is_packed:
             return self.w1[s], self.w2[s], self.w3[s]
         p, dt = self.packed, self.compute_dtype
-        return self.scratch.decoded((id(self), s), lambda: (
-            p.w1.decode(s, dt, self.scratch, "w1"), p.w2.decode(s, dt, self.scratch, "w2"),
-            p.w3.decode(s, dt, self.scratch, "w3")))
+        return self.scratch.decoded((id(self), s), lambda fresh: tuple(
+            getattr(p, w).decode(s, dt, self.scratch, w, fresh) for w in ("w1", "w2", "w3")))
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, D], indices [N, k] global ids (-1 = none), weights [N, k] -> Σ over held experts w·expert(x)  [N, D].

@@ -49,13 +49,16 @@ class PackedWeight:
         """Bytes held: data plus scales."""
         return sum(t.numel() * t.element_size() for t in (self.data, self.scale) if t is not None)
 
-    def decode(self, s: int, dtype: torch.dtype, scratch: "Scratch", key: str) -> Tensor:
+    def decode(self, s: int, dtype: torch.dtype, scratch: "Scratch", key: str, fresh: bool = False) -> Tensor:
         """Expert `s` as a float [rows, cols] in `dtype`, equal to `dequantize()[s]`; written into the scratch buffer
-        `key` (valid until the next decode with that key). A "float" weight in `dtype` comes back as a view, no copy."""
+        `key` (valid until the next decode with that key), or with `fresh` into a new tensor. A "float" weight in
+        `dtype` comes back as a view, no copy."""
+        shape, device = (self.rows, self.cols), self.data.device
+        if self.fmt == "float" and self.data.dtype == dtype:
+            return self.data[s]
+        out = torch.empty(shape, dtype=dtype, device=device) if fresh else scratch.get(key, shape, dtype, device)
         if self.fmt == "float":
-            return self.data[s] if self.data.dtype == dtype else scratch.get(key, (self.rows, self.cols), dtype,
-                                                                                 self.data.device).copy_(self.data[s])
-        out = scratch.get(key, (self.rows, self.cols), dtype, self.data.device)
+            return out.copy_(self.data[s])
         if cpu_decode.decode(self.fmt, self.data[s], self.scale[s], out) is not None:  # one pass (numba), exact
             return out
         if self.fmt == "fp8":
@@ -173,19 +176,19 @@ class Scratch:
         self._decoded: OrderedDict[Hashable, tuple[Tensor, ...]] = OrderedDict()
         self._decoded_bytes = 0
 
-    def decoded(self, key: Hashable, decode: Callable[[], tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
-        """`decode()`'s weights for `key` (e.g. (bank, slot)), from the cache when there; a miss is decoded, and kept
-        (least recently used ones evicted) if it fits in `cache_bytes`. Without a budget: `decode()` as is (scratch
-        buffers, valid until the next decode)."""
+    def decoded(self, key: Hashable, decode: Callable[[bool], tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
+        """`decode(fresh)`'s weights for `key` (e.g. (bank, slot)), from the cache when there; a miss is decoded into
+        new tensors (`fresh=True`), and kept (least recently used ones evicted) if it fits in `cache_bytes`. Without a
+        budget: `decode(False)`, into the scratch buffers (valid until the next decode)."""
         if self.cache_bytes <= 0:
-            return decode()
+            return decode(False)
         hit = self._decoded.get(key)
         if hit is not None:
             self._decoded.move_to_end(key)
             self.hits += 1
             return hit
         self.misses += 1
-        weights = tuple(w.clone() for w in decode())  # out of the scratch buffers the next decode overwrites
+        weights = decode(True)
         size = sum(w.numel() * w.element_size() for w in weights)
         if size <= self.cache_bytes:
             while self._decoded_bytes + size > self.cache_bytes:

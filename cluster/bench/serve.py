@@ -103,6 +103,12 @@ async def bench_monolithic(model_dir: str, name: str, levels: list[int], per_cli
     engine = AsyncEngine(Engine(model, CacheConfig(num_blocks=8192, block_size=16),
                                 SchedulerConfig(max_num_seqs=max(levels))))
     clock, runs = engine.engine.clock, []
+    # One intra-op thread: AsyncEngine steps in a worker thread, where torch's OpenMP parallel regions cost about 3x
+    # per small op what they cost on the main thread (a v4-flash-mini decode step of 8 sequences: 1.6 s with 2
+    # threads there, 0.40 s with 1; on the main thread 0.40 s with either), so this is the engine at its best here.
+    # The served roles run with OMP_NUM_THREADS=1 too (cluster/serve/edge.py).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         await _drive(engine_one(engine, max_tokens), prompts(2, prompt_len, model.config.vocab_size, seed=99), 2)
         for c in levels:
@@ -116,6 +122,7 @@ async def bench_monolithic(model_dir: str, name: str, levels: list[int], per_cli
                                                              "scheduling_ms": max(total - compute, 0.0)}))
     finally:
         await engine.shutdown()
+        torch.set_num_threads(threads)
     return runs
 
 
@@ -201,7 +208,7 @@ def _draw(trace: dict | None, path: str, model: str) -> None:
     kind = "decode" if trace["tokens"] == trace["sequences"] else f"{trace['tokens']} tokens"
     render([tuple(e) for e in trace["events"]], path,
            f"One served step of {model}: {trace['sequences']} sequences ({kind}), {trace['micro_batches']} "
-           f"micro-batch(es), as recorded by the attention worker ({machine()})")
+           f"micro-batch(es), as recorded by the attention worker\n{machine()}")
 
 
 def bench_engram_step(model_dir: str, batch: int = 8, prompt_len: int = 64, steps: int = 40) -> dict[str, float]:
