@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-Event = tuple[str, int, int, float, float]  # as actors.attention.remote_step.Event
+from moemesh.actors.attention.remote_step import Event
 COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52")
 
 
